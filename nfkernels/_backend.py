@@ -1,0 +1,112 @@
+"""Backend selection: which implementation ("torch", "triton", "cuda") runs an op.
+
+The choice is, in order of precedence: the innermost ``use_backend`` context, the value given
+to ``set_backend``, the ``NFK_BACKEND`` environment variable read at import, and "auto".
+"auto" runs Triton kernels on CUDA tensors and the torch reference on CPU tensors. A backend
+named explicitly that cannot run the call raises ``RuntimeError``; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def _validate(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    return key
+
+
+def _from_env() -> str:
+    value = os.environ.get("NFK_BACKEND", "auto")
+    try:
+        return _validate(value)
+    except ValueError as err:
+        raise ValueError(f"environment variable NFK_BACKEND: {err}") from None
+
+
+_default_backend = _from_env()
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("nfk_backend", default=None)
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend: "auto", "torch", "triton" or "cuda"."""
+    global _default_backend
+    _default_backend = _validate(name)
+
+
+def get_backend() -> str:
+    """The backend in force here (the innermost ``use_backend``, else ``set_backend``'s)."""
+    override = _override.get()
+    return override if override is not None else _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the enclosed calls with backend ``name``; thread- and task-local, nestable."""
+    token = _override.set(_validate(name))
+    try:
+        yield _override.get()
+    finally:
+        _override.reset(token)
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def cuda_extension():
+    """The compiled extension ``nfkernels._C``, or None when it was not built."""
+    try:
+        from nfkernels import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+def resolve(op: str, device: torch.device, supported: tuple[str, ...] = ("torch", "triton")) -> str:
+    """The concrete backend that runs ``op`` on ``device``; raises RuntimeError if it cannot."""
+    name = get_backend()
+    if name == "auto":
+        if device.type == "cuda" and "triton" in supported and triton_available():
+            return "triton"
+        return "torch"
+    if name not in supported:
+        raise RuntimeError(
+            f"{op}: backend {name!r} has no implementation of this op (it has: {', '.join(supported)})"
+        )
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend 'triton' needs the triton package, which is not installed")
+        if device.type == "cuda":
+            return name
+        if device.type == "cpu" and triton_interpreting():
+            return name
+        raise RuntimeError(
+            f"{op}: backend 'triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, "
+            f"set before triton is imported); got tensors on {device}"
+        )
+    if name == "cuda":
+        if cuda_extension() is None:
+            raise RuntimeError(
+                f"{op}: backend 'cuda' needs the compiled extension nfkernels._C, which is not built "
+                "(install with nvcc on the PATH; see README)"
+            )
+        if device.type != "cuda":
+            raise RuntimeError(f"{op}: backend 'cuda' runs on CUDA tensors; got tensors on {device}")
+    return name

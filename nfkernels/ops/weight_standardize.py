@@ -1,0 +1,234 @@
+"""Scaled Weight Standardization (Brock et al. 2021, arXiv:2102.06171, §3 and Appendix; timm
+``ScaledStdConv2d``; DeepMind ``nfnets/base.py`` ``WSConv2D``).
+
+For each output unit i (row W_i of length N = fan-in = W[0].numel()), with mean μ_i and biased
+variance σ²_i, gain g_i (1 without a gain) and a fixed scale γ:
+
+    timm:      Ŵ_ij = (W_ij − μ_i) · g_i · γ / (sqrt(N) · sqrt(σ²_i + eps))
+    deepmind:  Ŵ_ij = (W_ij − μ_i) · g_i · γ / sqrt(max(N · σ²_i, eps))
+
+Both are Ŵ = s_i · (W − μ_i) with s_i = g_i · s0_i, and s0_i = γ·r_i/sqrt(N) (timm) or γ·r_i
+(deepmind), r_i the reciprocal square root above. With u = W − μ, a_i = Σ_j dŴ_ij u_ij and
+q_i = r_i²/N (timm), r_i² (deepmind, unclamped) or 0 (deepmind, clamped at eps):
+
+    dW_ij = s_i · (dŴ_ij − mean_j dŴ_ij − q_i · a_i · u_ij),     dg_i = s0_i · a_i
+
+(the timm form equals DESIGN.md §5's c·r·(dŴ − mean dŴ − x̂·mean(dŴ ⊙ x̂))).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nfkernels.ops._utils import contiguous_dim0_rows, new_empty, new_empty_like, next_power_of_2
+
+# Rows up to this many elements stay in registers (one read of W); longer rows are streamed in
+# chunks of this size (two reads). NFNet rows are at most 1536 long. Tests lower it.
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def _weight_standardize_fwd_kernel(
+    w_ptr, gain_ptr, out_ptr, mean_ptr, s0_ptr, q_ptr,
+    N, gamma_scaled, eps,
+    HAS_GAIN: tl.constexpr, DEEPMIND: tl.constexpr, SAVE_STATS: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+):
+    """One program standardizes one row: Ŵ = (W − μ)·g·s0 (module docstring for s0 and q).
+
+    gamma_scaled is γ/sqrt(N) in timm mode and γ in deepmind mode. Statistics accumulate in
+    fp32 (fp64 for fp64 weights). Long rows combine per-chunk (mean, M2) pairs (Chan, Golub &
+    LeVeque 1979) so the variance never suffers the E[x²] − E[x]² cancellation.
+    """
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    base = row * N
+    cols = tl.arange(0, BLOCK)
+    n_total = N.to(acc_dtype)
+    if ONE_TILE:
+        mask = cols < N
+        x = tl.load(w_ptr + base + cols, mask=mask, other=0.0).to(acc_dtype)
+        mean = tl.sum(x, axis=0) / n_total
+        centered = tl.where(mask, x - mean, 0.0)
+        m2 = tl.sum(centered * centered, axis=0)
+    else:
+        mean = tl.zeros([], dtype=acc_dtype)
+        m2 = tl.zeros([], dtype=acc_dtype)
+        count = tl.zeros([], dtype=acc_dtype)
+        for start in range(0, N, BLOCK):
+            mask = start + cols < N
+            x = tl.load(w_ptr + base + start + cols, mask=mask, other=0.0).to(acc_dtype)
+            n_chunk = tl.minimum(N - start, BLOCK).to(acc_dtype)
+            mean_chunk = tl.sum(x, axis=0) / n_chunk
+            centered = tl.where(mask, x - mean_chunk, 0.0)
+            m2_chunk = tl.sum(centered * centered, axis=0)
+            new_count = count + n_chunk
+            delta = mean_chunk - mean
+            mean = mean + delta * (n_chunk / new_count)
+            m2 = m2 + m2_chunk + delta * delta * (count * n_chunk / new_count)
+            count = new_count
+    if DEEPMIND:
+        denom = tl.maximum(m2, eps)  # N·σ² = M2
+        r = 1.0 / tl.sqrt(denom)
+        q = tl.where(m2 > eps, r * r, 0.0)
+    else:
+        r = 1.0 / tl.sqrt(m2 / n_total + eps)
+        q = r * r / n_total
+    s0 = gamma_scaled * r
+    scale = s0
+    if HAS_GAIN:
+        scale = s0 * tl.load(gain_ptr + row).to(acc_dtype)
+    if ONE_TILE:
+        tl.store(out_ptr + base + cols, (centered * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, N, BLOCK):
+            mask = start + cols < N
+            x = tl.load(w_ptr + base + start + cols, mask=mask, other=0.0).to(acc_dtype)
+            tl.store(out_ptr + base + start + cols, ((x - mean) * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    if SAVE_STATS:
+        tl.store(mean_ptr + row, mean)
+        tl.store(s0_ptr + row, s0)
+        tl.store(q_ptr + row, q)
+
+
+@triton.jit
+def _weight_standardize_bwd_kernel(
+    dout_ptr, w_ptr, gain_ptr, mean_ptr, s0_ptr, q_ptr, dw_ptr, dgain_ptr,
+    N,
+    HAS_GAIN: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+):
+    """One program per row: dW = s·(dŴ − mean(dŴ) − q·a·u), dg = s0·a with a = Σ dŴ·u, u = W − μ.
+
+    Uses the forward's saved per-row μ, s0, q; accumulates in fp32 (fp64 for fp64 weights).
+    """
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    base = row * N
+    cols = tl.arange(0, BLOCK)
+    n_total = N.to(acc_dtype)
+    mean = tl.load(mean_ptr + row)
+    s0 = tl.load(s0_ptr + row)
+    q = tl.load(q_ptr + row)
+    scale = s0
+    if HAS_GAIN:
+        scale = s0 * tl.load(gain_ptr + row).to(acc_dtype)
+    if ONE_TILE:
+        mask = cols < N
+        dy = tl.load(dout_ptr + base + cols, mask=mask, other=0.0).to(acc_dtype)
+        u = tl.where(mask, tl.load(w_ptr + base + cols, mask=mask, other=0.0).to(acc_dtype) - mean, 0.0)
+        sum_dy = tl.sum(dy, axis=0)
+        sum_dy_u = tl.sum(dy * u, axis=0)
+        dw = scale * (dy - sum_dy / n_total - (q * sum_dy_u) * u)
+        tl.store(dw_ptr + base + cols, dw.to(dw_ptr.dtype.element_ty), mask=mask)
+    else:
+        sum_dy = tl.zeros([], dtype=acc_dtype)
+        sum_dy_u = tl.zeros([], dtype=acc_dtype)
+        for start in range(0, N, BLOCK):
+            mask = start + cols < N
+            dy = tl.load(dout_ptr + base + start + cols, mask=mask, other=0.0).to(acc_dtype)
+            x = tl.load(w_ptr + base + start + cols, mask=mask, other=0.0).to(acc_dtype)
+            u = tl.where(mask, x - mean, 0.0)
+            sum_dy += tl.sum(dy, axis=0)
+            sum_dy_u += tl.sum(dy * u, axis=0)
+        for start in range(0, N, BLOCK):
+            mask = start + cols < N
+            dy = tl.load(dout_ptr + base + start + cols, mask=mask, other=0.0).to(acc_dtype)
+            u = tl.load(w_ptr + base + start + cols, mask=mask, other=0.0).to(acc_dtype) - mean
+            dw = scale * (dy - sum_dy / n_total - (q * sum_dy_u) * u)
+            tl.store(dw_ptr + base + start + cols, dw.to(dw_ptr.dtype.element_ty), mask=mask)
+    if HAS_GAIN:
+        tl.store(dgain_ptr + row, s0 * sum_dy_u)
+
+
+def _block_config(n: int) -> tuple[int, bool, int]:
+    block = min(next_power_of_2(n), MAX_BLOCK)
+    num_warps = 4 if block <= 1024 else 8
+    return block, n <= block, num_warps
+
+
+def _gamma_scaled(gamma: float, n: int, deepmind: bool) -> float:
+    return gamma if deepmind else gamma / math.sqrt(n)
+
+
+def weight_standardize_triton_fwd(weight, gain, gamma, eps, deepmind, save_stats):
+    """Launch the forward kernel. Returns (Ŵ laid out like ``weight``, (μ, s0, q) or None)."""
+    weight, rows = contiguous_dim0_rows(weight)
+    out = new_empty_like(weight)  # same strides as weight, so its row view lines up
+    out_rows = contiguous_dim0_rows(out)[1]
+    n_rows, n = rows.shape
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    stats = tuple(new_empty(n_rows, device=weight.device, dtype=acc_dtype) for _ in range(3)) if save_stats else None
+    dummy = rows  # never dereferenced when the matching constexpr flag is off
+    block, one_tile, num_warps = _block_config(n)
+    _weight_standardize_fwd_kernel[(n_rows,)](
+        rows, gain if gain is not None else dummy, out_rows,
+        *(stats if save_stats else (dummy, dummy, dummy)),
+        n, _gamma_scaled(gamma, n, deepmind), eps,
+        HAS_GAIN=gain is not None, DEEPMIND=deepmind, SAVE_STATS=save_stats,
+        ACC_FP64=acc_dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile, num_warps=num_warps,
+    )
+    return out, stats
+
+
+def weight_standardize_triton_bwd(dout, weight, gain, stats, need_gain_grad):
+    """Launch the backward kernel. Returns (dW laid out like ``weight``, dgain or None)."""
+    weight, rows = contiguous_dim0_rows(weight)
+    # dout must share weight's memory order so that row j of both holds the same elements.
+    if dout.stride() != weight.stride():
+        dout = torch.empty_like(weight).copy_(dout)
+    dout_rows = contiguous_dim0_rows(dout)[1]
+    dw = new_empty_like(weight)
+    dw_rows = contiguous_dim0_rows(dw)[1]
+    n_rows, n = rows.shape
+    mean, s0, q = stats
+    has_gain = gain is not None
+    dgain = new_empty(n_rows, device=weight.device, dtype=mean.dtype) if has_gain else None
+    block, one_tile, num_warps = _block_config(n)
+    _weight_standardize_bwd_kernel[(n_rows,)](
+        dout_rows, rows, gain if has_gain else rows, mean, s0, q, dw_rows, dgain if has_gain else mean,
+        n,
+        HAS_GAIN=has_gain, ACC_FP64=mean.dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile,
+        num_warps=num_warps,
+    )
+    if has_gain and need_gain_grad:
+        return dw, dgain.to(gain.dtype).view(gain.shape)
+    return dw, None
+
+
+class WeightStandardizeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, gain, gamma, eps, deepmind):
+        out, stats = weight_standardize_triton_fwd(weight, gain, gamma, eps, deepmind, save_stats=True)
+        ctx.save_for_backward(weight, gain, *stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        weight, gain, *stats = ctx.saved_tensors
+        dw, dgain = weight_standardize_triton_bwd(dout, weight, gain, stats, ctx.needs_input_grad[1])
+        return dw, dgain, None, None, None
+
+
+def weight_standardize_triton(weight, gain, gamma, eps, deepmind):
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (gain is not None and gain.requires_grad))
+    if needs_grad:
+        return WeightStandardizeFunction.apply(weight, gain, gamma, eps, deepmind)
+    return weight_standardize_triton_fwd(weight, gain, gamma, eps, deepmind, save_stats=False)[0]
+
+
+def weight_standardize_torch(weight, gain, gamma, eps, deepmind):
+    """Plain PyTorch reference (the CPU path): the same formula from torch ops, any dtype."""
+    dims = tuple(range(1, weight.dim()))
+    n = math.prod(weight.shape[1:])
+    w = weight if weight.dtype == torch.float64 else weight.float()
+    var, mean = torch.var_mean(w, dim=dims, unbiased=False, keepdim=True)
+    if deepmind:
+        scale = gamma * torch.rsqrt(torch.clamp_min(n * var, eps))
+    else:
+        scale = (gamma / math.sqrt(n)) * torch.rsqrt(var + eps)
+    if gain is not None:
+        scale = scale * gain.reshape(scale.shape).to(w.dtype)
+    return ((w - mean) * scale).to(weight.dtype)

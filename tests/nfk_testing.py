@@ -1,0 +1,50 @@
+"""Shared test utilities: devices, backends, tolerances (DESIGN.md §6)."""
+from __future__ import annotations
+
+import torch
+
+from nfkernels import _backend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
+def backends_for(supported=("torch", "triton", "cuda")) -> list[str]:
+    """Backends that can run here: torch always, triton compiled or interpreted, cuda on a GPU."""
+    out = ["torch"]
+    if "triton" in supported and (ON_GPU or _backend.triton_interpreting()):
+        out.append("triton")
+    if "cuda" in supported and ON_GPU and _backend.cuda_extension() is not None:
+        out.append("cuda")
+    return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf so it can never pass."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    assert out64.shape == ref64.shape, (out64.shape, ref64.shape)
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    num = (out64 - ref64).norm().item()
+    return num / denom if denom > 0 else num
+
+
+# Relative-error bounds for a kernel against independent float64 math.
+TOL = {torch.float64: 1e-6, torch.float32: 2e-5}
+TORCH_FP64_TOL = 1e-10
+
+
+def tolerance(dtype: torch.dtype, backend: str, plain_torch_err: float | None = None) -> float:
+    """fp64/fp32: fixed bounds; fp16/bf16: twice plain PyTorch's own error in that dtype + atol."""
+    if dtype == torch.float64:
+        return TORCH_FP64_TOL if backend == "torch" else TOL[dtype]
+    if dtype == torch.float32:
+        return TOL[dtype]
+    assert plain_torch_err is not None, "low precision needs plain PyTorch's error to compare with"
+    return 2.0 * plain_torch_err + 2e-3
+
+
+def assert_close(out, ref, tol, what=""):
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
