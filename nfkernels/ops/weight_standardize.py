@@ -164,7 +164,7 @@ def weight_standardize_triton_fwd(weight, gain, gamma, eps, deepmind, save_stats
     dummy = rows  # never dereferenced when the matching constexpr flag is off
     block, one_tile, num_warps = _block_config(n)
     _weight_standardize_fwd_kernel[(n_rows,)](
-        rows, gain if gain is not None else dummy, out_rows,
+        rows, gain.reshape(-1) if gain is not None else dummy, out_rows,
         *(stats if save_stats else (dummy, dummy, dummy)),
         n, _gamma_scaled(gamma, n, deepmind), eps,
         HAS_GAIN=gain is not None, DEEPMIND=deepmind, SAVE_STATS=save_stats,
@@ -188,7 +188,7 @@ def weight_standardize_triton_bwd(dout, weight, gain, stats, need_gain_grad):
     dgain = new_empty(n_rows, device=weight.device, dtype=mean.dtype) if has_gain else None
     block, one_tile, num_warps = _block_config(n)
     _weight_standardize_bwd_kernel[(n_rows,)](
-        dout_rows, rows, gain if has_gain else rows, mean, s0, q, dw_rows, dgain if has_gain else mean,
+        dout_rows, rows, gain.reshape(-1) if has_gain else rows, mean, s0, q, dw_rows, dgain if has_gain else mean,
         n,
         HAS_GAIN=has_gain, ACC_FP64=mean.dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile,
         num_warps=num_warps,
