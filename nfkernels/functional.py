@@ -14,6 +14,8 @@ from nfkernels._checks import (
     check_tensor,
 )
 from nfkernels.ops import weight_standardize as _ws
+from nfkernels.ops import scaled_act as _sa
+from nfkernels.ops import se_gate as _se
 
 EPS_MODES = ("timm", "deepmind")
 
@@ -55,3 +57,132 @@ def weight_standardize(
     if backend == "torch":
         return _ws.weight_standardize_torch(weight, gain, gamma, eps, deepmind)
     return _ws.weight_standardize_triton(weight, gain, gamma, eps, deepmind)
+
+
+# ----------------------------------------------------------------------------- squeeze-excite gate
+
+
+def _check_fc_weight(op: str, name: str, weight: torch.Tensor, shape: tuple[int | None, int]) -> int:
+    """A 1x1-conv weight (O, I, 1, 1) or a linear weight (O, I) matching ``shape`` (None: any O)."""
+    check_tensor(op, name, weight)
+    is_matrix = weight.dim() == 2 or (weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1))
+    out_ok = shape[0] is None or weight.shape[0] == shape[0]
+    if not is_matrix or not out_ok or weight.shape[1] != shape[1]:
+        want = f"({'rd' if shape[0] is None else shape[0]}, {shape[1]})"
+        raise ValueError(
+            f"{op}: {name} must have shape {want} or {want[:-1]}, 1, 1) (a 1x1 conv weight); "
+            f"got {tuple(weight.shape)}"
+        )
+    return weight.shape[0]
+
+
+def se_gate_residual(
+    h: torch.Tensor,
+    shortcut: torch.Tensor | None,
+    fc1_weight: torch.Tensor | None = None,
+    fc1_bias: torch.Tensor | None = None,
+    fc2_weight: torch.Tensor | None = None,
+    fc2_bias: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    shortcut_bias: torch.Tensor | None = None,
+    skip_gain: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    alpha: float = 0.2,
+    attn_gain: float = 2.0,
+) -> torch.Tensor:
+    """Squeeze-excite gate with the SkipInit residual: the tail of timm's NormFreeBlock
+    (``attn_last=SEModule``, drop_path, ``skipinit_gain``, ``alpha``) in one fused op.
+
+    ``h`` (N, C, H, W) is conv3's output without its bias, ``bias`` that bias (C elements),
+    ``shortcut`` the shortcut branch (same shape; ``shortcut_bias`` optional C elements; None
+    gives the plain gated output, e.g. a standalone SE layer).
+    With hb = h + bias, k = skip_gain (a 0-d parameter; 1 if None) and m = mask (per-sample
+    stochastic-depth multipliers already scaled by 1/keep_prob; 1 if None; not differentiated)::
+
+        p   = mean_hw hb
+        g   = sigmoid(fc2(relu(fc1(p))))                     (timm SEModule, 1x1 convs with bias)
+        out = shortcut + shortcut_bias + alpha · k · m_n · attn_gain · g · hb
+
+    fc1_weight is (rd, C, 1, 1) or (rd, C), fc2_weight (C, rd, 1, 1) or (C, rd), fc1_bias rd and
+    fc2_bias C elements (each optional). Without fc1_weight there is no SE and
+    out = shortcut + shortcut_bias + alpha · k · m_n · hb (no attn_gain, no sigmoid). The pooling
+    and the gate accumulate in fp32 (fp64 for fp64); the result has h's dtype and memory format
+    (NCHW or channels_last). Differentiable with respect to every tensor argument but mask.
+    """
+    op = "se_gate_residual"
+    check_tensor(op, "h", h, ndim=4)
+    check_optional_tensor(op, "shortcut", shortcut, ndim=4)
+    if shortcut is not None and shortcut.shape != h.shape:
+        raise ValueError(f"{op}: shortcut must have h's shape {tuple(h.shape)}; got {tuple(shortcut.shape)}")
+    if shortcut is None and shortcut_bias is not None:
+        raise ValueError(f"{op}: shortcut_bias was given without shortcut")
+    n, c = h.shape[:2]
+    if fc1_weight is None:
+        for name, t in (("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)):
+            if t is not None:
+                raise ValueError(f"{op}: {name} was given without fc1_weight; pass all SE weights or none")
+    else:
+        if fc2_weight is None:
+            raise ValueError(f"{op}: fc2_weight is required when fc1_weight is given")
+        rd = _check_fc_weight(op, "fc1_weight", fc1_weight, (None, c))
+        _check_fc_weight(op, "fc2_weight", fc2_weight, (c, rd))
+        check_optional_tensor(op, "fc1_bias", fc1_bias)
+        check_numel(op, "fc1_bias", fc1_bias, rd, "one per SE hidden unit, fc1_weight.shape[0]")
+        check_optional_tensor(op, "fc2_bias", fc2_bias)
+        check_numel(op, "fc2_bias", fc2_bias, c, "one per channel, h.shape[1]")
+    check_optional_tensor(op, "bias", bias)
+    check_numel(op, "bias", bias, c, "one per channel, h.shape[1]")
+    check_optional_tensor(op, "shortcut_bias", shortcut_bias)
+    check_numel(op, "shortcut_bias", shortcut_bias, c, "one per channel, h.shape[1]")
+    check_optional_tensor(op, "skip_gain", skip_gain)
+    check_numel(op, "skip_gain", skip_gain, 1, "a scalar gain")
+    check_optional_tensor(op, "mask", mask)
+    check_numel(op, "mask", mask, n, "one multiplier per sample, h.shape[0]")
+    tensors = dict(h=h, shortcut=shortcut, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
+                   fc2_bias=fc2_bias, bias=bias, shortcut_bias=shortcut_bias, skip_gain=skip_gain)
+    check_same_device(op, **tensors, mask=mask)
+    check_same_dtype(op, **tensors)
+    alpha = check_float(op, "alpha", alpha)
+    attn_gain = check_float(op, "attn_gain", attn_gain)
+    backend = _backend.resolve(op, h.device)
+    args = (h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias, skip_gain, mask,
+            alpha, attn_gain)
+    if backend == "torch" or h.numel() == 0:
+        return _se.se_gate_residual_torch(*args)
+    return _se.se_gate_residual_triton(*args)
+
+
+def scaled_act(
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    act: str = "gelu",
+    gamma: float | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Scaled activation with a fused per-channel bias (NF-ResNet/NFNet nonlinearity)::
+
+        y = gamma · scale · f(x + b_c)
+
+    ``x`` has shape (N, C, ...); ``bias`` is optional with C elements (any shape, e.g. (C,)),
+    broadcast over channel dim 1. ``act`` names f, one of ``nfkernels.NF_GAMMA``'s keys ("gelu"
+    is exact erf GELU as in timm, "gelu_tanh" the tanh approximation as in DeepMind's JAX code).
+    ``gamma=None`` takes f's NF gain from that table; an NF block passes scale = β. Computes in
+    fp32 for fp16/bf16 inputs (fp64 for fp64); the result has x's dtype, shape and memory format
+    (NCHW and channels_last run without copies). Differentiable with respect to x and bias:
+    dx = dy · gamma · scale · f'(x + b_c), dbias_c = Σ over all dims but 1 of dx.
+    """
+    op = "scaled_act"
+    check_tensor(op, "x", x, min_ndim=2)
+    check_optional_tensor(op, "bias", bias)
+    check_numel(op, "bias", bias, x.shape[1], "one per channel, x.shape[1]")
+    check_same_device(op, x=x, bias=bias)
+    check_same_dtype(op, x=x, bias=bias)
+    act = check_choice(op, "act", act, _sa.ACTIVATIONS)
+    gamma = _sa.NF_GAMMA[act] if gamma is None else check_float(op, "gamma", gamma)
+    scale = check_float(op, "scale", scale)
+    backend = _backend.resolve(op, x.device)
+    if backend == "torch" or x.numel() == 0:
+        return _sa.scaled_act_torch(x, bias, act, gamma, scale)
+    return _sa.scaled_act_triton(x, bias, act, gamma, scale)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks, then nfkernels itself (editable, building the CUDA
+# extension when nvcc is present). Idempotent and offline-safe: it only asks pip for what is
+# missing, so it also runs on a GPU machine without network where everything is preinstalled.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+pipi() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+# torch first, pinned: a bare `torch` requirement would pull the multi-GB CUDA build.
+"$PY" -c "import torch" 2>/dev/null || pipi "torch==2.13.0"
+
+missing=$("$PY" - <<'PYEOF'
+import importlib.util, shutil
+import torch
+need = []
+for module, spec in [("triton", "triton==3.6.0"), ("pybind11", "pybind11"), ("pytest", "pytest"),
+                     ("pytest_benchmark", "pytest-benchmark"), ("numpy", "numpy")]:
+    if importlib.util.find_spec(module) is None:
+        need.append(spec)
+for tool in ("cmake", "ninja"):
+    if shutil.which(tool) is None:
+        need.append(tool)
+if not torch.cuda.is_available():
+    # Triton 3.6's CPU interpreter (how the tests run Triton kernels without a GPU) breaks on numpy>=2.4.
+    import numpy
+    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+        need.append("numpy<2.4")
+print(" ".join(f"'{n}'" for n in need))
+PYEOF
+)
+if [ -n "$missing" ]; then
+    eval "pipi $missing"
+fi
+pipi -e . --no-deps --no-build-isolation

@@ -1,0 +1,1 @@
+"""Benchmarks of nfkernels against unfused PyTorch references (run: python -m bench)."""

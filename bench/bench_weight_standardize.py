@@ -1,0 +1,82 @@
+"""Scaled Weight Standardization: nfkernels against timm's ScaledStdConv2d formulation (F.batch_norm
+over the reshaped weight), eager and under torch.compile, on NFNet-F0's conv weights.
+
+    python -m bench.bench_weight_standardize [--quick] [--dtype float32]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import nfkernels as nfk
+from bench.common import (COLUMNS, bench_device, copy_bandwidth_gbs, environment, nfnet_f0_conv_shapes,
+                          run_providers, write_results)
+
+
+def timm_style(weight: torch.Tensor, gain: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """timm ScaledStdConv2d.forward's weight path, the unfused reference."""
+    scale = weight[0].numel() ** -0.5
+    return F.batch_norm(weight.reshape(1, weight.shape[0], -1), None, None, weight=(gain * scale).view(-1),
+                        training=True, momentum=0.0, eps=eps).reshape_as(weight)
+
+
+def _fwd_bwd(fn, params, grads):
+    def run():
+        for (w, g), dy in zip(params, grads):
+            fn(w, g).backward(dy)
+    return run
+
+
+def _fwd(fn, params):
+    def run():
+        with torch.no_grad():
+            for w, g in params:
+                fn(w, g)
+    return run
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small CPU-sized run (default on CPU)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    device = bench_device()
+    quick = args.quick or device.type == "cpu"
+    dtype = getattr(torch, args.dtype)
+    shapes = nfnet_f0_conv_shapes()
+    if quick:
+        shapes = shapes[:24]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = [(torch.randn(s, generator=gen).to(device, dtype).requires_grad_(),
+               (torch.rand(s[0], 1, 1, 1, generator=gen) + 0.5).to(device, dtype).requires_grad_()) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    esize = torch.tensor([], dtype=dtype).element_size()
+    n_w = sum(w.numel() for w, _ in params)
+    n_g = sum(g.numel() for _, g in params)
+    fwd_bytes = (2 * n_w + n_g) * esize            # read W and gain, write Ŵ
+    bwd_bytes = (3 * n_w + 2 * n_g) * esize        # read dŴ and W, write dW (+ gain, dgain)
+    copy_gbs = copy_bandwidth_gbs(device)
+
+    def nfk_ws(w, g):
+        return nfk.weight_standardize(w, g)
+
+    providers_fwd = {"timm eager": _fwd(timm_style, params), "nfkernels": _fwd(nfk_ws, params)}
+    providers_fb = {"timm eager": _fwd_bwd(timm_style, params, grads), "nfkernels": _fwd_bwd(nfk_ws, params, grads)}
+    if not quick:
+        compiled = torch.compile(timm_style, dynamic=False)
+        providers_fwd["timm torch.compile"] = _fwd(compiled, params)
+        providers_fb["timm torch.compile"] = _fwd_bwd(compiled, params, grads)
+    label = f"F0 convs ({len(shapes)} weights)"
+    rows = run_providers(f"{label} fwd", providers_fwd, fwd_bytes, device, copy_gbs, "timm eager")
+    rows += run_providers(f"{label} fwd+bwd", providers_fb, fwd_bytes + bwd_bytes, device, copy_gbs, "timm eager")
+    meta = {**environment(device), "dtype": args.dtype, "backend": nfk.get_backend(),
+            "copy_GB/s": copy_gbs, "cpu_fallback": device.type == "cpu"}
+    path = write_results("weight_standardize", rows, COLUMNS, meta, device)
+    print(path.read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Timing, bandwidth and reporting helpers shared by the benchmarks (DESIGN.md §7).
+
+On a CUDA device times come from CUDA events (``triton.testing.do_bench``) as the median with
+20th/80th percentiles; on a CPU from ``time.perf_counter`` around synchronous calls. Bandwidth is
+reported against a device-to-device copy measured in the same run.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100,
+            cpu_reps: int = 10) -> dict[str, float]:
+    """Median, 20th and 80th percentile of one call of ``fn`` in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "ms_p20": p20, "ms_p80": p80}
+    fn()  # warm-up: first-call allocations and lazy initialisation stay out of the numbers
+    samples = []
+    for _ in range(cpu_reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+    return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:
+    """Achieved GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (t["ms"] * 1e-3) / 1e9
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak device memory allocated while ``fn`` runs, above what was allocated before (CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    import triton
+
+    import nfkernels
+
+    env = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "nfkernels": nfkernels.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda or ""
+    return env
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: list[dict], columns: list[str], meta: dict, device: torch.device) -> Path:
+    """Write bench/results/<name>_<device>.json and .md; returns the markdown path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / f"{name}_{device_slug(device)}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    header = f"# {name} on {meta.get('device', device_name(device))}\n\n"
+    header += ", ".join(f"{k} {v}" for k, v in meta.items() if k != "device") + "\n\n"
+    stem.with_suffix(".md").write_text(header + markdown_table(rows, columns) + "\n")
+    return stem.with_suffix(".md")
+
+
+def nfnet_f0_conv_shapes() -> list[tuple[int, ...]]:
+    """Weight shapes of every weight-standardized conv in NFNet-F0 (timm dm_nfnet_f0), in order."""
+    shapes = [(16, 3, 3, 3), (32, 16, 3, 3), (64, 32, 3, 3), (128, 64, 3, 3)]  # deep_quad stem
+    in_chs = 128
+    for out_chs, depth in zip((256, 512, 1536, 1536), (1, 2, 6, 3)):
+        mid = out_chs // 2
+        for i in range(depth):
+            if i == 0:
+                shapes.append((out_chs, in_chs, 1, 1))  # downsample conv
+            shapes += [(mid, in_chs, 1, 1), (mid, 128, 3, 3), (mid, 128, 3, 3), (out_chs, mid, 1, 1)]
+            in_chs = out_chs
+    shapes.append((3072, 1536, 1, 1))  # final conv
+    return shapes
+
+
+def nfnet_f0_activation_shapes(batch: int, resolution: int) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """(name, NCHW shape) of the residual-branch activations of NFNet-F0's stages at an input size."""
+    out = []
+    res = resolution // 4
+    for stage, (out_chs, stride) in enumerate(zip((256, 512, 1536, 1536), (1, 2, 2, 2))):
+        res = -(-res // stride)
+        out.append((f"stage{stage}_mid", (batch, out_chs // 2, res, res)))
+        out.append((f"stage{stage}_out", (batch, out_chs, res, res)))
+    return out
+
+
+def run_providers(case: str, providers: dict[str, Callable[[], object]], nbytes: int, device: torch.device,
+                  copy_gbs: float, reference: str) -> list[dict]:
+    """Time each provider on one case; rows carry ms, GB/s, fraction of copy bandwidth, speedup."""
+    rows = []
+    for name, fn in providers.items():
+        t = time_ms(fn, device)
+        gbs = nbytes / (t["ms"] * 1e-3) / 1e9
+        rows.append({"case": case, "provider": name, **t, "GB/s": gbs, "frac_copy_bw": gbs / copy_gbs,
+                     "peak_MB": peak_memory_mb(fn, device)})
+    ref_ms = next((r["ms"] for r in rows if r["provider"] == reference), None)
+    for r in rows:
+        r["speedup_vs_ref"] = ref_ms / r["ms"] if ref_ms else None
+    return rows
+
+
+COLUMNS = ["case", "provider", "ms", "ms_p20", "ms_p80", "GB/s", "frac_copy_bw", "speedup_vs_ref", "peak_MB"]

@@ -1,0 +1,69 @@
+// SGD with unit-wise AGC, one pass per unit row (see nfkernels.h).
+#include "common.cuh"
+
+namespace nfk {
+namespace {
+
+// One block per row: the AGC factor from the squared norms of p and g, then the SGD update.
+// The update re-reads p and g right after the norm pass, from L1/L2, so memory sees p, g and
+// buf read once and p, buf written once. Without weight decay p is not added (0 * inf = NaN).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sgd_agc_kernel(T* __restrict__ param, const T* __restrict__ grad,
+                                                           T* __restrict__ buffer, const int64_t* __restrict__ table,
+                                                           SgdAgcOptions o) {
+  using Acc = typename AccType<T>::type;
+  const int64_t* entry = table + static_cast<int64_t>(blockIdx.x) * 4;
+  T* p = param + entry[0];
+  const T* g = grad + entry[1];
+  T* buf = buffer + entry[2];
+  const int64_t length = entry[3];
+  Acc scale = 1;
+  if (o.clip) {
+    Acc w_sq = 0, g_sq = 0;
+    for (int64_t k = threadIdx.x; k < length; k += kThreads) {
+      const Acc gk = to_acc(g[k]), wk = to_acc(p[k]);
+      g_sq += gk * gk;
+      w_sq += wk * wk;
+    }
+    block_sum2(w_sq, g_sq);
+    scale = agc_scale(w_sq, g_sq, Acc(o.clip_factor), Acc(o.eps));
+  }
+  const Acc lr = o.lr, momentum = o.momentum, weight_decay = o.weight_decay;
+  for (int64_t k = threadIdx.x; k < length; k += kThreads) {
+    const Acc pk = to_acc(p[k]);
+    Acc d = to_acc(g[k]) * scale;
+    if (weight_decay != Acc(0)) d += weight_decay * pk;
+    if (o.has_momentum) {
+      const Acc b = o.first_step ? d : momentum * to_acc(buf[k]) + d;
+      buf[k] = from_acc<T>(b);
+      d = o.nesterov ? d + momentum * b : b;
+    }
+    p[k] = from_acc<T>(pk - lr * d);
+  }
+}
+
+template <typename T>
+cudaError_t launch(void* param, const void* grad, void* buffer, const int64_t* table, int64_t n_rows,
+                   const SgdAgcOptions& options, cudaStream_t stream) {
+  sgd_agc_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
+      static_cast<T*>(param), static_cast<const T*>(grad), static_cast<T*>(buffer), table, options);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t sgd_agc(DType dtype, void* param, const void* grad, void* momentum_buffer, const int64_t* table,
+                    int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream) {
+  if (n_rows <= 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  switch (dtype) {
+    case DType::kFloat16: return launch<__half>(param, grad, momentum_buffer, table, n_rows, options, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16>(param, grad, momentum_buffer, table, n_rows, options, stream);
+    case DType::kFloat32: return launch<float>(param, grad, momentum_buffer, table, n_rows, options, stream);
+    case DType::kFloat64: return launch<double>(param, grad, momentum_buffer, table, n_rows, options, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace nfk

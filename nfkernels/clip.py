@@ -1,0 +1,245 @@
+"""Public Adaptive Gradient Clipping: ``agc_`` and ``agc_parameters`` (DESIGN.md §5 "AGC").
+
+The math and kernels live in nfkernels.ops.agc; this module validates arguments, splits the
+parameters into (device, dtype) groups (one fused launch each) and handles sharded DTensors.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from nfkernels import _backend
+from nfkernels._checks import FLOAT_DTYPES, check_float, check_tensor
+from nfkernels.ops import agc as _agc
+
+AGC_BACKENDS = ("torch", "triton", "cuda")
+
+
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def named_params(op: str, parameters: object) -> list[tuple[str, torch.Tensor]]:
+    """(argument path, tensor) for a tensor, an iterable of tensors, or param groups; no repeats."""
+    if isinstance(parameters, torch.Tensor):
+        items = [("parameters", parameters)]
+    elif isinstance(parameters, dict):
+        items = _group_items(op, "parameters", parameters)
+    elif isinstance(parameters, Iterable) and not isinstance(parameters, (str, bytes)):
+        items = []
+        for i, item in enumerate(parameters):
+            if isinstance(item, dict):
+                items += _group_items(op, f"parameters[{i}]", item)
+            else:
+                items.append((f"parameters[{i}]", item))
+    else:
+        raise TypeError(
+            f"{op}: parameters must be a tensor, an iterable of tensors or of param groups; got {type(parameters).__name__}"
+        )
+    seen, out = set(), []
+    for name, p in items:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(p).__name__}")
+        if id(p) not in seen:  # a repeated tensor would be clipped twice, racing in one launch
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def _group_items(op: str, where: str, group: dict) -> list[tuple[str, object]]:
+    if "params" not in group:
+        raise TypeError(f"{op}: {where} is a dict without a 'params' entry (a param group needs one)")
+    params = group["params"]
+    if isinstance(params, torch.Tensor):
+        return [(f"{where}['params']", params)]
+    return [(f"{where}['params'][{j}]", p) for j, p in enumerate(params)]
+
+
+def check_param_and_grad(op: str, name: str, p: torch.Tensor) -> torch.Tensor:
+    """Validates ``p`` and its gradient; returns the gradient."""
+    check_tensor(op, name, p)
+    grad = p.grad
+    check_tensor(op, f"{name}.grad", grad, dtypes=FLOAT_DTYPES)
+    if grad.device != p.device:
+        raise ValueError(f"{op}: {name}.grad is on {grad.device} but {name} is on {p.device}; they must share a device")
+    if grad.shape != p.shape:
+        raise ValueError(f"{op}: {name}.grad has shape {tuple(grad.shape)} but {name} has {tuple(p.shape)}")
+    return grad
+
+
+class ShardedWholeUnits:
+    """Whole-tensor units (ndim ≤ 1) of dim-0-sharded DTensors: each rank holds part of the unit,
+    so squared norms are summed across the shards' ranks before the clip factor is formed."""
+
+    def __init__(self):
+        self.items: list[tuple[torch.Tensor, torch.Tensor, object, tuple[int, ...]]] = []
+
+    def add(self, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        mesh_dims = tuple(i for i, pl in enumerate(weight.placements) if pl.is_shard())
+        self.items.append((weight.to_local(), grad.to_local(), weight.device_mesh, mesh_dims))
+
+    def clip_(self, clip_factor: float, eps: float) -> None:
+        """All_reduce of the squared norms: one per (mesh, mesh dim, device, dtype), then scale."""
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for w, g, mesh, dims in self.items:
+            groups.setdefault((id(mesh), dims, g.device, g.dtype), []).append((w, g))
+        meshes = {id(mesh): mesh for _, _, mesh, _ in self.items}
+        for (mesh_id, dims, device, dtype), pairs in groups.items():
+            acc = _agc.acc_dtype_for(dtype)
+            sq = torch.stack([
+                torch.stack([w.to(acc).square().sum(), g.to(acc).square().sum()]) for w, g in pairs
+            ])
+            for d in dims:
+                torch.distributed.all_reduce(sq, group=meshes[mesh_id].get_group(d))
+            norms = sq.sqrt()
+            scales = _agc.clip_scale(norms[:, 0], norms[:, 1], clip_factor, eps)
+            for (_, g), scale in zip(pairs, scales.unbind()):
+                g.copy_(g.to(acc) * scale)
+
+
+def local_units(op: str, name: str, weight: torch.Tensor, grad: torch.Tensor):
+    """(local weight, local grad, spans_ranks). Plain tensors pass through; for a DTensor the
+    local shards, and spans_ranks is True when its single unit (ndim ≤ 1) is split across ranks."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(weight, dtensor):
+        return weight, grad, False
+    if not isinstance(grad, dtensor) or grad.placements != weight.placements:
+        raise ValueError(f"{op}: {name}.grad must be a DTensor placed like {name} ({weight.placements})")
+    for pl in weight.placements:
+        if not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0)):
+            raise ValueError(
+                f"{op}: {name} has placement {pl}; unit-wise clipping supports Shard(0) and Replicate "
+                "(FSDP2's fully_shard) only, since other placements split a unit across ranks"
+            )
+    spans_ranks = weight.dim() <= 1 and any(pl.is_shard() for pl in weight.placements)
+    return weight.to_local(), grad.to_local(), spans_ranks
+
+
+def clip_local_(weights: list[torch.Tensor], grads: list[torch.Tensor], clip_factor: float, eps: float, op: str) -> None:
+    """Clips complete units: one fused launch per (device, dtype) group, torch on the CPU path."""
+    backends: dict[torch.device, str] = {}
+    torch_pairs: tuple[list, list] = ([], [])
+    groups: dict[tuple, tuple[list, list]] = {}
+    writebacks = []
+    for w, g in zip(weights, grads):
+        if g.device not in backends:
+            backends[g.device] = _backend.resolve(op, g.device, supported=AGC_BACKENDS)
+        if backends[g.device] == "torch":
+            torch_pairs[0].append(w)
+            torch_pairs[1].append(g)
+            continue
+        w_rows = _agc.unit_rows(w)
+        if w_rows is None:  # read-only operand: a dense copy serves as well
+            w_rows = _agc.unit_rows(w.contiguous())
+        g_rows = _agc.unit_rows(g)
+        if g_rows is None:  # clip a dense copy, then copy it back
+            dense = g.contiguous()
+            writebacks.append((g, dense))
+            g_rows = _agc.unit_rows(dense)
+        key = _agc.group_key(g_rows) + _agc.group_key(w_rows)[2:]
+        ws, gs = groups.setdefault(key, ([], []))
+        ws.append(w_rows)
+        gs.append(g_rows)
+    if torch_pairs[0]:
+        _agc.agc_torch(*torch_pairs, clip_factor, eps)
+    for (device, *_), (ws, gs) in groups.items():
+        launch = _agc.agc_triton if backends[device] == "triton" else _agc.agc_cuda
+        launch(ws, gs, clip_factor, eps)
+    for original, dense in writebacks:
+        original.copy_(dense)
+
+
+def check_clip_args(op: str, clip_factor: object, eps: object) -> tuple[float, float]:
+    return check_float(op, "clip_factor", clip_factor, positive=True), check_float(op, "eps", eps, nonneg=True)
+
+
+@torch.no_grad()
+def agc_(parameters, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+    """Unit-wise Adaptive Gradient Clipping, in place on each parameter's ``.grad``.
+
+    With units as in timm (ndim ≤ 1: the whole tensor; otherwise each slice along dim 0) and
+    λ = clip_factor::
+
+        ‖W_i‖* = max(‖W_i‖, eps)
+        if not ‖G_i‖ < λ‖W_i‖*:   G_i ← G_i · λ‖W_i‖* / max(‖G_i‖, 1e-6)
+
+    Equals timm's ``adaptive_clip_grad(parameters, clip_factor, eps)`` (Brock et al. 2021,
+    §4.1) up to rounding, with norms accumulated in fp32 (fp64 for fp64). ``parameters`` is a
+    tensor, an iterable of tensors or an iterable of param groups (dicts with "params");
+    parameters whose ``.grad`` is None are skipped. Pass all parameters but the final
+    classifier (``agc_parameters(model)``), as the paper does.
+
+    On CUDA every unit of every parameter is clipped in one launch per (device, dtype) group,
+    without host synchronisation, from a row table cached while the tensors stay the same, so
+    a step can be captured in a CUDA graph after one eager step. Non-finite gradients: a unit
+    holding NaN (in G_i or W_i) becomes all-NaN and a unit with ‖G_i‖ = inf is scaled by 0
+    (its infinite entries become NaN), exactly as in timm; finite units are unaffected.
+    DistributedDataParallel: call after backward (gradients are already averaged). FSDP2
+    (``fully_shard``, Shard(0) DTensors): rows stay local; whole-tensor units sum their squared
+    norms across ranks with one all_reduce per mesh group.
+    """
+    op = "agc_"
+    clip_factor, eps = check_clip_args(op, clip_factor, eps)
+    weights, grads = [], []
+    sharded = ShardedWholeUnits()
+    for name, p in named_params(op, parameters):
+        if p.grad is None:
+            continue
+        grad = check_param_and_grad(op, name, p)
+        w, g, spans_ranks = local_units(op, name, p.detach(), grad.detach())
+        if spans_ranks:
+            sharded.add(p.detach(), grad.detach())
+        elif g.numel():
+            weights.append(w)
+            grads.append(g)
+    if grads:
+        clip_local_(weights, grads, clip_factor, eps, op)
+    if sharded.items:
+        sharded.clip_(clip_factor, eps)
+
+
+def agc_parameters(
+    model: torch.nn.Module,
+    exclude: Iterable[str] | Callable[[str, torch.nn.Parameter], bool] | None = None,
+) -> list[torch.nn.Parameter]:
+    """The parameters of ``model`` to clip the paper's way: all but the final classifier.
+
+    ``exclude`` is a list of names, each a parameter name or a module prefix ("head.fc" drops
+    head.fc.weight and head.fc.bias), or a predicate ``(name, param) -> bool`` that is True for
+    parameters to leave out. By default the classifier is ``model.get_classifier()`` when the
+    model has one (timm models), else the last ``nn.Linear`` in ``model.modules()`` order.
+    Parameters with ``requires_grad=False`` are left out.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"agc_parameters: model must be a torch.nn.Module; got {type(model).__name__}")
+    if exclude is None:
+        skip_ids = {id(p) for p in _classifier(model).parameters()}
+        excluded = lambda name, p: id(p) in skip_ids  # noqa: E731
+    elif callable(exclude):
+        excluded = exclude
+    elif isinstance(exclude, str):
+        raise TypeError("agc_parameters: exclude must be a list of names, not a single str (write [name])")
+    else:
+        prefixes = tuple(exclude)
+        for i, prefix in enumerate(prefixes):
+            if not isinstance(prefix, str):
+                raise TypeError(f"agc_parameters: exclude[{i}] must be a str; got {type(prefix).__name__}")
+        excluded = lambda name, p: any(name == x or name.startswith(x + ".") for x in prefixes)  # noqa: E731
+    return [p for name, p in model.named_parameters() if p.requires_grad and not excluded(name, p)]
+
+
+def _classifier(model: torch.nn.Module) -> torch.nn.Module:
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier) and isinstance(get_classifier(), torch.nn.Module):
+        return get_classifier()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(
+            "agc_parameters: model has no get_classifier() and no nn.Linear; name the classifier with exclude="
+        )
+    return linears[-1]

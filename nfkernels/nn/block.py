@@ -1,0 +1,104 @@
+"""NFBlock: timm's NormFreeBlock (the NFNet/NF-ResNet bottleneck) built from the fused ops."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from nfkernels.functional import scaled_act, se_gate_residual
+from nfkernels.nn.attn import SqueezeExcite, make_divisible
+from nfkernels.nn.conv import WSConv2d
+from nfkernels.ops.scaled_act import NF_GAMMA
+
+
+class DownsampleAvg(nn.Module):
+    """Shortcut projection: 2×2 average pool (ceil mode, padding not counted) when strided, then
+    a 1×1 WSConv2d (timm DownsampleAvg; dilated variants are not supported)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, **conv_kw):
+        super().__init__()
+        self.pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
+        self.conv = WSConv2d(in_chs, out_chs, 1, stride=1, **conv_kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class NFBlock(nn.Module):
+    """Normalizer-free pre-activation bottleneck (Brock et al. 2021, Fig. 1; timm NormFreeBlock).
+
+        h   = act(x) · β                      (γ·β folded into one scaled activation)
+        sc  = x, or DownsampleAvg(h)
+        out = conv3(act(conv2b(act(conv2(act(conv1(h)))))))
+        y   = sc + α · skipinit_gain · drop_path(attn_gain · SE(out))
+
+    Each conv's bias is added inside the next fused kernel (activation, or the SE gate for conv3
+    and the downsample conv), and the SE gate, ×attn_gain, SkipInit, stochastic depth and the
+    residual add are one kernel. Parameter names and shapes equal timm's NormFreeBlock with
+    ``reg=False`` (attention after conv3), so timm state dicts load with strict=True.
+
+    ``act``/``gamma``: activation name and its gain (None takes the NF table value); ``same_padding``
+    uses TF-style SAME convs (timm's ScaledStdConv2dSame, as in dm_nfnet); ``drop_path_scale_by_keep``
+    scales kept samples by 1/keep_prob like timm (DeepMind's JAX code does not).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int | None = None, stride: int = 1, alpha: float = 1.0,
+                 beta: float = 1.0, bottle_ratio: float = 0.25, group_size: int | None = None, ch_div: int = 1,
+                 extra_conv: bool = False, skipinit: bool = False, attn_layer: str | None = None,
+                 attn_kwargs: dict | None = None, attn_gain: float = 2.0, act: str = "gelu",
+                 gamma: float | None = None, same_padding: bool = False, eps: float = 1e-5,
+                 eps_mode: str = "timm", drop_path_rate: float = 0.0, drop_path_scale_by_keep: bool = True):
+        super().__init__()
+        out_chs = out_chs or in_chs
+        if attn_layer not in (None, "se"):
+            raise ValueError(f"NFBlock: attn_layer must be None or 'se'; got {attn_layer!r}")
+        if act not in NF_GAMMA:
+            raise ValueError(f"NFBlock: act must be one of {tuple(NF_GAMMA)}; got {act!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"NFBlock: drop_path_rate must be in [0, 1); got {drop_path_rate}")
+        mid_chs = make_divisible(out_chs * bottle_ratio, ch_div)
+        groups = 1 if not group_size else mid_chs // group_size
+        if group_size and group_size % ch_div == 0:
+            mid_chs = group_size * groups
+        self.alpha, self.beta, self.attn_gain = float(alpha), float(beta), float(attn_gain)
+        self.act = act
+        self.gamma = NF_GAMMA[act] if gamma is None else float(gamma)
+        self.drop_path_rate = float(drop_path_rate)
+        self.drop_path_scale_by_keep = drop_path_scale_by_keep
+        conv_kw = dict(eps=eps, eps_mode=eps_mode, padding="same" if same_padding else None)
+
+        self.downsample = DownsampleAvg(in_chs, out_chs, stride, **conv_kw) if (in_chs != out_chs or stride != 1) else None
+        self.conv1 = WSConv2d(in_chs, mid_chs, 1, **conv_kw)
+        self.conv2 = WSConv2d(mid_chs, mid_chs, 3, stride=stride, groups=groups, **conv_kw)
+        self.conv2b = WSConv2d(mid_chs, mid_chs, 3, groups=groups, **conv_kw) if extra_conv else None
+        self.conv3 = WSConv2d(mid_chs, out_chs, 1, gain_init=1.0 if skipinit else 0.0, **conv_kw)
+        self.attn_last = SqueezeExcite(out_chs, **(attn_kwargs or {})) if attn_layer == "se" else None
+        self.skipinit_gain = nn.Parameter(torch.tensor(0.0)) if skipinit else None
+
+    def _act(self, x: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+        return scaled_act(x, bias, act=self.act, gamma=self.gamma, scale=scale)
+
+    def _drop_path_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.training or self.drop_path_rate == 0.0:
+            return None
+        keep = 1.0 - self.drop_path_rate
+        mask = x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep)
+        return mask / keep if self.drop_path_scale_by_keep else mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self._act(x, None, self.beta)
+        shortcut, shortcut_bias = x, None
+        if self.downsample is not None:
+            shortcut = self.downsample.conv.conv(self.downsample.pool(pre), None)
+            shortcut_bias = self.downsample.conv.bias
+        out = self.conv1.conv(pre, None)
+        out = self.conv2.conv(self._act(out, self.conv1.bias), None)
+        last = self.conv2
+        if self.conv2b is not None:
+            out = self.conv2b.conv(self._act(out, self.conv2.bias), None)
+            last = self.conv2b
+        out = self.conv3.conv(self._act(out, last.bias), None)
+        fused = dict(bias=self.conv3.bias, shortcut_bias=shortcut_bias, skip_gain=self.skipinit_gain,
+                     mask=self._drop_path_mask(out), alpha=self.alpha)
+        if self.attn_last is not None:
+            return self.attn_last.gate_residual(out, shortcut, attn_gain=self.attn_gain, **fused)
+        return se_gate_residual(out, shortcut, **fused)

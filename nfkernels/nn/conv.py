@@ -1,0 +1,104 @@
+"""WSConv2d: a Conv2d whose weight is Scaled-Weight-Standardized on the fly (timm ScaledStdConv2d
+and ScaledStdConv2dSame, same parameter names and shapes)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nfkernels.functional import EPS_MODES, weight_standardize
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def symmetric_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
+    """timm's get_padding: the symmetric padding that keeps 'same'-ish output for odd kernels."""
+    return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+def same_padding_amount(size: int, kernel_size: int, stride: int, dilation: int) -> int:
+    """Total padding TensorFlow's 'SAME' adds along one dim (split low = total // 2, high = rest)."""
+    return max((math.ceil(size / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+
+
+def pad_same(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
+    """Pad the last two dims of ``x`` the way TensorFlow's 'SAME' does (may be asymmetric)."""
+    ph = same_padding_amount(x.shape[-2], kernel_size[0], stride[0], dilation[0])
+    pw = same_padding_amount(x.shape[-1], kernel_size[1], stride[1], dilation[1])
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv2d with Scaled Weight Standardization (Brock et al. 2021, §3; timm ScaledStdConv2d).
+
+    The conv uses Ŵ = (W − μ) / sqrt(σ² + eps) · gain · gamma / sqrt(fan_in) (``eps_mode="timm"``,
+    or DeepMind's form with ``eps_mode="deepmind"``), computed by one fused kernel per call.
+    ``padding=None`` pads symmetrically like timm; ``padding="same"`` pads like TensorFlow:
+    statically when that is symmetric, otherwise per input size (timm ScaledStdConv2dSame).
+
+    When no gradient is needed (eval, ``torch.no_grad``, frozen weights) the standardized weight is
+    cached and recomputed only when ``weight`` or ``gain`` change (in-place updates included).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
+                 groups=1, bias=True, gamma=1.0, eps=1e-5, gain_init=1.0, eps_mode="timm"):
+        kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        dynamic_same = False
+        if isinstance(padding, str):
+            if padding.lower() != "same":
+                raise ValueError(f"WSConv2d: padding must be None, an int/tuple or 'same'; got {padding!r}")
+            static = all(s == 1 and (d * (k - 1)) % 2 == 0 for k, s, d in zip(kernel_size, stride, dilation))
+            dynamic_same = not static
+            padding = 0 if dynamic_same else tuple(
+                symmetric_padding(k, s, d) for k, s, d in zip(kernel_size, stride, dilation))
+        elif padding is None:
+            padding = tuple(symmetric_padding(k, s, d) for k, s, d in zip(kernel_size, stride, dilation))
+        if eps_mode not in EPS_MODES:
+            raise ValueError(f"WSConv2d: eps_mode must be one of {EPS_MODES}; got {eps_mode!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias)
+        self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), float(gain_init)))
+        self.gamma = float(gamma)
+        self.eps = float(eps)
+        self.eps_mode = eps_mode
+        self.same_pad = dynamic_same
+        self._cached_weight: tuple[tuple, torch.Tensor] | None = None
+
+    def _cache_key(self) -> tuple:
+        w, g = self.weight, self.gain
+        return (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device, w.stride())
+
+    def standardized_weight(self) -> torch.Tensor:
+        """Ŵ for the current weight and gain (cached while no gradient is needed)."""
+        needs_grad = torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad)
+        if needs_grad:
+            self._cached_weight = None
+            return weight_standardize(self.weight, self.gain, gamma=self.gamma, eps=self.eps,
+                                      eps_mode=self.eps_mode)
+        key = self._cache_key()
+        if self._cached_weight is None or self._cached_weight[0] != key:
+            with torch.no_grad():
+                w = weight_standardize(self.weight, self.gain, gamma=self.gamma, eps=self.eps,
+                                       eps_mode=self.eps_mode)
+            self._cached_weight = (key, w)
+        return self._cached_weight[1]
+
+    def conv(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution with the standardized weight and the given bias (None: no bias, so that
+        a caller can fold ``self.bias`` into the next fused kernel)."""
+        if self.same_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.standardized_weight(), bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x, self.bias)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", gamma={self.gamma}, eps={self.eps}, eps_mode={self.eps_mode}"
+        return s + (", padding=same (dynamic)" if self.same_pad else "")

@@ -1,0 +1,415 @@
+"""Scaled activations with a fused per-channel bias (Brock et al. 2021, arXiv:2101.08692 and
+arXiv:2102.06171; DeepMind ``nfnets/base.py`` ``nonlinearities``; timm ``_nonlin_gamma``).
+
+For x of shape (N, C, ...) and a bias b with C elements, broadcast over channel dim 1::
+
+    y      = γ · scale · f(x + b_c)
+    dx     = dy · γ · scale · f'(x + b_c)
+    dbias_c = Σ over every dim but 1 of dx
+
+γ is the NF gain of f (``NF_GAMMA``: the value that keeps a unit-Gaussian input's output at unit
+second moment, from DeepMind's table, which timm copies). In an NF block the caller passes
+scale = β (1 / expected std), so γ·β·f(x + b) replaces a separate bias add, activation and scale.
+
+The activations, z = x + b (σ the logistic sigmoid, Φ/φ the standard normal cdf/pdf)::
+
+    gelu         z·Φ(z)                               Φ(z) + z·φ(z)          (exact, erf)
+    gelu_tanh    ½z(1 + t), t = tanh(u),              ½(1 + t) + ½z(1 − t²)·u'
+                 u = √(2/π)(z + 0.044715z³)           u' = √(2/π)(1 + 3·0.044715z²)
+    relu         max(z, 0)                            [z > 0]
+    silu         z·σ(z)                               σ(z)(1 + z(1 − σ(z)))
+    relu6        min(max(z, 0), 6)                    [0 < z < 6]
+    elu, celu    z if z > 0 else expm1(z)             1 if z > 0 else exp(z)   (α = 1)
+    leaky_relu   z if z > 0 else 0.01z                1 if z > 0 else 0.01
+    selu         λ(z if z > 0 else α·expm1(z))        λ(1 if z > 0 else α·exp(z))
+    sigmoid      σ(z)                                 σ(z)(1 − σ(z))
+    tanh         tanh(z)                              1 − tanh²(z)
+    softplus     max(z, 0) + log1p(exp(−|z|))         σ(z)
+    softsign     z / (1 + |z|)                        1 / (1 + |z|)²
+    log_sigmoid  min(z, 0) − log1p(exp(−|z|))         σ(−z)
+    identity     z                                    1
+
+Gradients at the kinks (z = 0, z = 6) follow torch: the derivative there is 0 for relu/relu6
+and the z ≤ 0 branch elsewhere. The kernels use the stable softplus above for every z; the torch
+path's F.softplus returns z itself for z > 20 (threshold=20), which differs by at most
+log1p(e^-20) ≈ 2e-9.
+
+Triton's libdevice (tanh, log1p, expm1) does not run under TRITON_INTERPRET=1, so the kernels
+build those from tl.exp/tl.log with accuracy-preserving forms (see _expm1, _log1p, _tanh).
+Compiled kernels take the Python float γ·scale as an fp32 argument, so fp64 results agree with
+float64 math to ~1e-7 relative there (the interpreter keeps it fp64).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2
+
+# NF gains γ (DeepMind nfnets/base.py; timm _nonlin_gamma). gelu_tanh is DeepMind's own gelu.
+NF_GAMMA = {
+    "gelu": 1.7015043497085571,
+    "gelu_tanh": 1.7015043497085571,
+    "relu": 1.7139588594436646,
+    "silu": 1.7881293296813965,
+    "relu6": 1.7131484746932983,
+    "elu": 1.2716004848480225,
+    "celu": 1.270926833152771,
+    "leaky_relu": 1.70590341091156,
+    "selu": 1.0008515119552612,
+    "sigmoid": 4.803835391998291,
+    "tanh": 1.5939117670059204,
+    "softplus": 1.9203323125839233,
+    "softsign": 2.338853120803833,
+    "log_sigmoid": 1.9193484783172607,
+    "identity": 1.0,
+}
+ACTIVATIONS = tuple(NF_GAMMA)
+
+LEAKY_RELU_SLOPE = 0.01  # the kernels spell it, and selu's λ and α, as literals
+
+# A program's tile holds about TILE_ELEMS elements, at most MAX_BLOCK_K of them along a row.
+# The backward with channels on columns loops over row tiles so that at most MAX_ROW_GROUPS
+# partial dbias rows are written, keeping that buffer small next to dx. Tests lower all three.
+TILE_ELEMS = 4096
+MAX_BLOCK_K = 1024
+MAX_ROW_GROUPS = 1024
+
+
+@triton.jit
+def _expm1(z):
+    """exp(z) − 1 without cancellation near 0: Kahan's (u − 1)·z / log(u), u = exp(z), whose
+    ratio cancels the rounding error of u. Used for |z| < 1 only, where log(u) is safe."""
+    u = tl.exp(z)
+    um1 = u - 1.0
+    near_zero = tl.abs(z) < 1.0
+    # u rounds to exactly 1 only for |z| under an ulp, where expm1(z) = z; elsewhere log(u) ≠ 0.
+    exact_one = um1 == 0.0
+    log_u = tl.log(tl.where(near_zero & ~exact_one, u, 2.0))
+    return tl.where(near_zero, tl.where(exact_one, z, um1 * z / log_u), um1)
+
+
+@triton.jit
+def _log1p(e):
+    """log(1 + e) for e ≥ 0 without losing e when it is tiny (Goldberg 1991, Thm 4)."""
+    u = 1.0 + e
+    um1 = u - 1.0
+    return tl.where(um1 == 0.0, e, tl.log(u) * (e / tl.where(um1 == 0.0, 1.0, um1)))
+
+
+@triton.jit
+def _tanh(z):
+    """tanh(z) = sign(z)·(−m)/(2 + m), m = expm1(−2|z|) ∈ (−1, 0]: no overflow, no cancellation."""
+    m = _expm1(-2.0 * tl.abs(z))
+    t = -m / (2.0 + m)
+    return tl.where(z < 0.0, -t, t)
+
+
+@triton.jit
+def _act_fwd(z, ACT: tl.constexpr):
+    """f(z) for the activation named by ACT (formulas in the module docstring)."""
+    if ACT == "gelu":
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == "gelu_tanh":
+        # ½(1 + tanh(u)) = σ(2u): no cancellation where tanh(u) ≈ −1.
+        y = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+    elif ACT == "relu":
+        y = tl.where(z > 0.0, z, 0.0)
+    elif ACT == "silu":
+        y = z * tl.sigmoid(z)
+    elif ACT == "relu6":
+        y = tl.minimum(tl.where(z > 0.0, z, 0.0), 6.0)
+    elif ACT == "elu" or ACT == "celu":
+        y = tl.where(z > 0.0, z, _expm1(z))
+    elif ACT == "leaky_relu":
+        y = tl.where(z > 0.0, z, 0.01 * z)
+    elif ACT == "selu":
+        y = 1.0507009873554805 * tl.where(z > 0.0, z, 1.6732632423543772 * _expm1(z))
+    elif ACT == "sigmoid":
+        y = tl.sigmoid(z)
+    elif ACT == "tanh":
+        y = _tanh(z)
+    elif ACT == "softplus":
+        y = tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
+    elif ACT == "softsign":
+        y = z / (1.0 + tl.abs(z))
+    elif ACT == "log_sigmoid":
+        y = tl.minimum(z, 0.0) - _log1p(tl.exp(-tl.abs(z)))
+    else:  # identity
+        y = z
+    return y
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """f'(z) for the activation named by ACT (formulas in the module docstring)."""
+    if ACT == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        g = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == "gelu_tanh":
+        # With s = σ(2u) = ½(1 + tanh u): f = z·s and f' = s + z·2s(1 − s)·u'.
+        s = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        g = s + 2.0 * z * s * (1.0 - s) * du
+    elif ACT == "relu":
+        g = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == "silu":
+        s = tl.sigmoid(z)
+        g = s * (1.0 + z * (1.0 - s))
+    elif ACT == "relu6":
+        g = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
+    elif ACT == "elu" or ACT == "celu":
+        g = tl.where(z > 0.0, 1.0, tl.exp(z))
+    elif ACT == "leaky_relu":
+        # A scalar 0.01 would be typed fp32 and round fp64 gradients; this one has z's dtype.
+        g = tl.where(z > 0.0, 1.0, tl.full(z.shape, 0.01, z.dtype))
+    elif ACT == "selu":
+        g = 1.0507009873554805 * tl.where(z > 0.0, 1.0, 1.6732632423543772 * tl.exp(z))
+    elif ACT == "sigmoid":
+        s = tl.sigmoid(z)
+        g = s * (1.0 - s)
+    elif ACT == "tanh":
+        # 1 − tanh²(z) = 4e/(1 + e)², e = exp(−2|z|): stays accurate where tanh(z) rounds to ±1.
+        e = tl.exp(-2.0 * tl.abs(z))
+        g = 4.0 * e / ((1.0 + e) * (1.0 + e))
+    elif ACT == "softplus":
+        g = tl.sigmoid(z)
+    elif ACT == "softsign":
+        d = 1.0 + tl.abs(z)
+        g = 1.0 / (d * d)
+    elif ACT == "log_sigmoid":
+        g = tl.sigmoid(-z)
+    else:  # identity
+        g = tl.full(z.shape, 1.0, z.dtype)
+    return g
+
+
+@triton.jit
+def _scaled_act_fwd_kernel(
+    x_ptr, bias_ptr, y_ptr,
+    R, K, C, coeff,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y = coeff · f(x + b_c) on one (BLOCK_R, BLOCK_K) tile of the (R, K) row-major view of x.
+
+    coeff = γ·scale. The channel of an element is its row mod C (NCHW: rows are (n, c) planes)
+    or its column (channels-last: rows are pixels). Math in fp32 (fp64 for fp64 inputs).
+    """
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < R
+    col_mask = cols < K
+    mask = row_mask[:, None] & col_mask[None, :]
+    offsets = rows[:, None] * K + cols[None, :]
+    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+    if HAS_BIAS:
+        if CHANNEL_ON_ROWS:
+            z += tl.load(bias_ptr + rows % C, mask=row_mask, other=0.0).to(acc_dtype)[:, None]
+        else:
+            z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(acc_dtype)[None, :]
+    y = _act_fwd(z, ACT) * coeff
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scaled_act_bwd_kernel(
+    dy_ptr, x_ptr, bias_ptr, dx_ptr, partial_ptr,
+    R, K, C, coeff, row_tiles,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx = dy · coeff · f'(x + b_c) over ``row_tiles`` consecutive row tiles of one column tile,
+    plus, when BIAS_GRAD, deterministic partial sums of dx for dbias (no atomics; the launcher
+    adds them up in a fixed order):
+
+    CHANNEL_ON_ROWS: partial[row, pid_k] = Σ of dx over this tile's columns of that row
+                     (shape (R, number of column tiles); row_tiles is 1);
+    otherwise:       partial[pid_r, col] = Σ of dx over this program's rows of that column
+                     (shape (number of row groups, K)).
+    """
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    cols = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    if HAS_BIAS:
+        if not CHANNEL_ON_ROWS:
+            bias_cols = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(acc_dtype)
+    if BIAS_GRAD:
+        if not CHANNEL_ON_ROWS:
+            col_sums = tl.zeros([BLOCK_K], dtype=acc_dtype)
+    for tile in range(0, row_tiles):
+        rows = (pid_r * row_tiles + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < R
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * K + cols[None, :]
+        z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+        if HAS_BIAS:
+            if CHANNEL_ON_ROWS:
+                z += tl.load(bias_ptr + rows % C, mask=row_mask, other=0.0).to(acc_dtype)[:, None]
+            else:
+                z += bias_cols[None, :]
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+        dx = tl.where(mask, dy * _act_grad(z, ACT) * coeff, 0.0)
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if BIAS_GRAD:
+            if CHANNEL_ON_ROWS:
+                tl.store(partial_ptr + rows * tl.num_programs(1) + pid_k, tl.sum(dx, axis=1), mask=row_mask)
+            else:
+                col_sums += tl.sum(dx, axis=0)
+    if BIAS_GRAD:
+        if not CHANNEL_ON_ROWS:
+            tl.store(partial_ptr + pid_r * K + cols, col_sums, mask=col_mask)
+
+
+def _matrix_view(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """A (R, K) row-major view of ``t``'s memory and whether the channel is row % C (else the
+    column); None when ``t`` is neither contiguous nor channels-last-like (channel innermost).
+
+    Both are logical views, so two tensors of one shape whose results agree in (shape, flag)
+    map element (r, k) to the same logical index whatever their strides.
+    """
+    n, c = t.shape[:2]
+    spatial = math.prod(t.shape[2:])
+    if t.is_contiguous():
+        if spatial == 1:  # (N, C) or 1×1 maps: rows of C channels use the tile's width
+            return t.view(n, c), False
+        return t.view(n * c, spatial), True
+    channel_last = t.permute(0, *range(2, t.dim()), 1)
+    if channel_last.is_contiguous():
+        return channel_last.view(n * spatial, c), False
+    return None
+
+
+def _dense(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(x or a contiguous copy of it, its (R, K) view, channel_on_rows)."""
+    view = _matrix_view(x)
+    if view is None:
+        x = x.contiguous()
+        view = _matrix_view(x)
+    return x, *view
+
+
+def _tiles(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    block_k = min(next_power_of_2(n_cols), MAX_BLOCK_K)
+    block_r = min(next_power_of_2(n_rows), max(1, TILE_ELEMS // block_k))
+    num_warps = 8 if block_r * block_k >= 4096 else 4
+    return block_r, block_k, num_warps
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scaled_act_triton_fwd(x, bias, act, coeff):
+    """Launch the forward kernel. Returns (y laid out like the dense ``x``, that dense ``x``)."""
+    x, x_rows, channel_on_rows = _dense(x)
+    y = new_empty_like(x)  # same strides as the dense x, so its (R, K) view lines up
+    y_rows = _matrix_view(y)[0]
+    n_rows, n_cols = x_rows.shape
+    block_r, block_k, num_warps = _tiles(n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k))
+    _scaled_act_fwd_kernel[grid](
+        x_rows, bias.reshape(-1) if bias is not None else x_rows, y_rows,
+        n_rows, n_cols, x.shape[1], coeff,
+        ACT=act, HAS_BIAS=bias is not None, CHANNEL_ON_ROWS=channel_on_rows,
+        ACC_FP64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return y, x
+
+
+def scaled_act_triton_bwd(dy, x, bias, act, coeff, need_bias_grad):
+    """Launch the backward kernel. Returns (dx laid out like the dense ``x``, dbias or None)."""
+    x, x_rows, channel_on_rows = _dense(x)
+    # dy must map (r, k) to the same element as x: same view shape and channel placement.
+    dy_view = _matrix_view(dy)
+    if dy_view is None or dy_view[1] != channel_on_rows or dy_view[0].shape != x_rows.shape:
+        dy = torch.empty_like(x).copy_(dy)
+        dy_view = _matrix_view(dy)
+    dx = new_empty_like(x)
+    dx_rows = _matrix_view(dx)[0]
+    n_rows, n_cols = x_rows.shape
+    n_channels = x.shape[1]
+    block_r, block_k, num_warps = _tiles(n_rows, n_cols)
+    row_blocks, col_blocks = triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k)
+    bias_grad = bias is not None and need_bias_grad
+    # Only the column-channel dbias needs programs to span several row tiles (fewer partials).
+    row_tiles = triton.cdiv(row_blocks, MAX_ROW_GROUPS) if bias_grad and not channel_on_rows else 1
+    row_groups = triton.cdiv(row_blocks, row_tiles)
+    partial = None
+    if bias_grad:
+        shape = (n_rows, col_blocks) if channel_on_rows else (row_groups, n_cols)
+        partial = new_empty(shape, device=x.device, dtype=_acc_dtype(x.dtype))
+    _scaled_act_bwd_kernel[(row_groups, col_blocks)](
+        dy_view[0], x_rows, bias.reshape(-1) if bias is not None else x_rows, dx_rows,
+        partial if bias_grad else dx_rows,
+        n_rows, n_cols, n_channels, coeff, row_tiles,
+        ACT=act, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, CHANNEL_ON_ROWS=channel_on_rows,
+        ACC_FP64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    if not bias_grad:
+        return dx, None
+    if channel_on_rows:  # rows are (n, c) planes in n-major order
+        dbias = partial.sum(dim=1).view(-1, n_channels).sum(dim=0)
+    else:
+        dbias = partial.sum(dim=0)
+    return dx, dbias.to(bias.dtype).view(bias.shape)
+
+
+class ScaledActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, act, coeff):
+        y, dense_x = scaled_act_triton_fwd(x, bias, act, coeff)
+        ctx.save_for_backward(dense_x, bias)
+        ctx.act, ctx.coeff = act, coeff
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, dbias = scaled_act_triton_bwd(dy, x, bias, ctx.act, ctx.coeff, ctx.needs_input_grad[1])
+        return dx, dbias, None, None
+
+
+def scaled_act_triton(x, bias, act, gamma, scale):
+    """The Triton path: y = gamma·scale·f(x + b_c), differentiable in x and bias."""
+    coeff = gamma * scale
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return ScaledActFunction.apply(x, bias, act, coeff)
+    return scaled_act_triton_fwd(x, bias, act, coeff)[0]
+
+
+_TORCH_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "relu6": F.relu6,
+    "elu": F.elu,
+    "celu": F.celu,
+    "leaky_relu": lambda z: F.leaky_relu(z, LEAKY_RELU_SLOPE),
+    "selu": F.selu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "softplus": F.softplus,
+    "softsign": F.softsign,
+    # -softplus(-z) rather than F.logsigmoid, which returns channels_last inputs as NCHW.
+    "log_sigmoid": lambda z: -F.softplus(-z),
+    "identity": lambda z: z,
+}
+
+
+def scaled_act_torch(x, bias, act, gamma, scale):
+    """Plain PyTorch reference (the CPU path): the same formula from torch ops, computed in fp32
+    for fp16/bf16 inputs and cast back; keeps x's memory format."""
+    z = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if bias is not None:
+        z = z + bias.reshape(1, -1, *([1] * (x.dim() - 2))).to(z.dtype)
+    return (_TORCH_ACTIVATIONS[act](z) * (gamma * scale)).to(x.dtype)

@@ -1,0 +1,116 @@
+"""SGD with unit-wise Adaptive Gradient Clipping, fused (Brock et al. 2021, arXiv:2102.06171,
+§4.1 and Appendix; torch.optim.SGD semantics; clipping as timm's ``adaptive_clip_grad``).
+
+Per unit row (units as in nfkernels.ops.agc), with learning rate η, momentum m, weight decay
+wd and the AGC factor s_i = 1 if ‖G_i‖ < λ‖W_i‖*, else λ‖W_i‖*/max(‖G_i‖, 1e-6)::
+
+    g ← s_i · g;  g ← g + wd·p;  buf ← m·buf + g  (buf ← g on the first step)
+    nesterov: g ← g + m·buf, else g ← buf;  p ← p − η·g
+
+A unit row fits in registers or cache, so one program reads p, g and buf once from memory
+(the norm pass and the update pass touch the same row back to back) and writes p and buf once:
+the bytes of torch's fused SGD alone. The gradient itself is left unclipped in memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nfkernels.ops.agc import acc_dtype_for, block_size, clip_scale, row_table, unit_norms
+
+
+@triton.jit
+def _sgd_agc_kernel(
+    p_ptr, g_ptr, buf_ptr, table_ptr,
+    lr, momentum, weight_decay, clip_factor, eps,
+    CLIP: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program updates one unit row: AGC factor from ‖W_i‖, ‖G_i‖, then the SGD step.
+
+    ``table_ptr`` rows are (param offset, grad offset, buffer offset, length) in elements from
+    p_ptr / g_ptr / buf_ptr. Arithmetic in fp32 (fp64 for fp64 parameters); p and buf are
+    stored in the parameter dtype. Without weight decay p is not added (0·inf would be NaN).
+    """
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    p_start = tl.load(table_ptr + row * 4)
+    g_start = tl.load(table_ptr + row * 4 + 1)
+    buf_start = tl.load(table_ptr + row * 4 + 2)
+    length = tl.load(table_ptr + row * 4 + 3)
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    scale = 1.0
+    if CLIP:
+        g_sq = tl.zeros([BLOCK], dtype=acc_dtype)
+        w_sq = tl.zeros([BLOCK], dtype=acc_dtype)
+        for start in range(0, length, BLOCK):
+            mask = start + cols < length
+            g = tl.load(g_ptr + g_start + start + cols, mask=mask, other=0.0).to(acc_dtype)
+            w = tl.load(p_ptr + p_start + start + cols, mask=mask, other=0.0).to(acc_dtype)
+            g_sq += g * g
+            w_sq += w * w
+        g_norm = tl.sqrt(tl.sum(g_sq, axis=0))
+        w_norm = tl.sqrt(tl.sum(w_sq, axis=0))
+        max_norm = clip_factor * tl.where(w_norm < eps, eps, w_norm)  # where() keeps NaN
+        scale = tl.where(g_norm < max_norm, 1.0, max_norm / tl.where(g_norm < 1e-6, 1e-6, g_norm))
+    for start in range(0, length, BLOCK):
+        mask = start + cols < length
+        p = tl.load(p_ptr + p_start + start + cols, mask=mask, other=0.0).to(acc_dtype)
+        d = tl.load(g_ptr + g_start + start + cols, mask=mask, other=0.0).to(acc_dtype) * scale
+        if HAS_WEIGHT_DECAY:
+            d += weight_decay * p
+        if HAS_MOMENTUM:
+            if FIRST_STEP:
+                buf = d
+            else:
+                buf = momentum * tl.load(buf_ptr + buf_start + start + cols, mask=mask, other=0.0).to(acc_dtype) + d
+            tl.store(buf_ptr + buf_start + start + cols, buf.to(buf_ptr.dtype.element_ty), mask=mask)
+            if NESTEROV:
+                d = d + momentum * buf
+            else:
+                d = buf
+        tl.store(p_ptr + p_start + start + cols, (p - lr * d).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+def sgd_agc_fused(backend, p_rows, g_rows, buf_rows, *, lr, momentum, weight_decay, nesterov, clip,
+                  clip_factor, eps, first_step):
+    """One launch over all rows. Lists of unit-row views sharing device, dtype and layout pairwise
+    (row k of p_rows[i], g_rows[i] and buf_rows[i] hold the same elements); without momentum
+    ``buf_rows`` is ``p_rows`` and is never written."""
+    entry = row_table([p_rows, g_rows, buf_rows])
+    p0, g0, b0 = p_rows[0], g_rows[0], buf_rows[0]
+    has_momentum = momentum != 0
+    if backend == "triton":
+        _sgd_agc_kernel[(entry.n_rows,)](
+            p0, g0, b0, entry.table, lr, momentum, weight_decay, clip_factor, eps,
+            CLIP=clip, HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
+            FIRST_STEP=first_step, NESTEROV=nesterov, ACC_FP64=p0.dtype == torch.float64,
+            BLOCK=block_size(entry.max_len), num_warps=4,
+        )
+        return
+    from nfkernels import _backend
+
+    _backend.cuda_extension().sgd_agc(
+        p0.data_ptr(), g0.data_ptr(), b0.data_ptr(), entry.table.data_ptr(), entry.n_rows,
+        str(p0.dtype).replace("torch.", ""), lr, momentum, weight_decay, clip_factor, eps,
+        clip, has_momentum, first_step, nesterov,
+        p0.device.index, torch.cuda.current_stream(p0.device).cuda_stream,
+    )
+
+
+def sgd_agc_torch(param, grad, buf, *, lr, momentum, weight_decay, nesterov, clip, clip_factor, eps, first_step):
+    """Plain PyTorch reference for one parameter (the CPU path), in place on ``param`` and on
+    ``buf`` (the momentum buffer, overwritten on the first step; None without momentum)."""
+    acc = acc_dtype_for(param.dtype)
+    p = param.to(acc)
+    d = grad.to(acc)
+    if clip:
+        d = d * clip_scale(unit_norms(param), unit_norms(grad), clip_factor, eps)
+    if weight_decay != 0:
+        d = d + weight_decay * p
+    if momentum != 0:
+        new_buf = d if first_step else momentum * buf.to(acc) + d
+        buf.copy_(new_buf)
+        d = d + momentum * new_buf if nesterov else new_buf
+    param.copy_(p - lr * d)

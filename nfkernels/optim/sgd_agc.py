@@ -1,0 +1,159 @@
+"""``SGD_AGC``: the NFNet paper's optimizer (SGD with Nesterov momentum and unit-wise AGC),
+fused into one pass per unit row (nfkernels.ops.sgd_agc)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from nfkernels import _backend
+from nfkernels._checks import check_float
+from nfkernels.clip import AGC_BACKENDS, ShardedWholeUnits, check_param_and_grad, local_units
+from nfkernels.ops import agc as _agc
+from nfkernels.ops import sgd_agc as _ops
+
+OP = "SGD_AGC"
+
+
+class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the public API)
+    """torch.optim.SGD (no dampening) with unit-wise Adaptive Gradient Clipping applied first.
+
+    Per parameter, with s the AGC factor of each unit (``nfkernels.agc_``)::
+
+        g ← s·g;  g ← g + weight_decay·p;  buf ← momentum·buf + g  (buf ← g on the first step)
+        nesterov: g ← g + momentum·buf, else g ← buf;  p ← p − lr·g
+
+    Param-group options beyond torch's: ``clip_factor``, ``eps`` and ``clipping`` (False turns
+    AGC off for the group, e.g. the final classifier); ``weight_decay=0`` turns decay off (the
+    paper: none on gains, biases and SkipInit gains). ``nfkernels.optim.nfnet_param_groups``
+    builds the paper's groups. On CUDA one launch per (param group, device, dtype) reads p, g
+    and buf once and writes p and buf once; ``.grad`` is not modified. Momentum buffers live in
+    ``state[p]["momentum_buffer"]`` as in torch.optim.SGD, so state dicts save, load and
+    interchange with it. On CPU the torch reference runs. Under FSDP2, the gradients of
+    sharded whole-tensor units (biases, gains) are clipped in place before the fused step,
+    because their norms need an all_reduce.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
+                 clip_factor: float = 0.01, eps: float = 1e-3, *, clipping: bool = True):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        clip_factor=clip_factor, eps=eps, clipping=clipping)
+        _check_group_options(defaults, "")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_group_options(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # A torch.optim.SGD state dict lacks the AGC options; it loads with the defaults.
+        for group in self.param_groups:
+            group.setdefault("clip_factor", 0.01)
+            group.setdefault("eps", 1e-3)
+            group.setdefault("clipping", True)
+            group.setdefault("nesterov", False)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for i, group in enumerate(self.param_groups):
+            self._step_group(i, group)
+        return loss
+
+    def _step_group(self, index: int, group: dict) -> None:
+        hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                     nesterov=group["nesterov"], clip_factor=group["clip_factor"], eps=group["eps"])
+        sharded = ShardedWholeUnits()
+        buckets: dict[tuple, tuple[list, list, list]] = {}
+        for j, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            name = f"param_groups[{index}]['params'][{j}]"
+            grad = check_param_and_grad(OP, name, p)
+            w, g, spans_ranks = local_units(OP, name, p, grad)
+            clip = group["clipping"]
+            if clip and spans_ranks:
+                sharded.add(p, grad)
+                clip = False
+            state = self.state[p]
+            buf = state.get("momentum_buffer") if hyper["momentum"] != 0 else None
+            first_step = hyper["momentum"] != 0 and buf is None
+            if first_step:
+                buf = torch.empty_like(p)
+                state["momentum_buffer"] = buf
+            elif buf is not None:
+                buf = _aligned_buffer(name, p, buf, state)
+            buf_local = buf.to_local() if buf is not None and w is not p else buf  # w is p unless p is a DTensor
+            if w.numel() == 0:
+                continue
+            backend = _backend.resolve(OP, w.device, supported=AGC_BACKENDS)
+            p_rows = _agc.unit_rows(w)
+            if backend == "torch" or p_rows is None:
+                _ops.sgd_agc_torch(w, g, buf_local, clip=clip, first_step=first_step, **hyper)
+                continue
+            if g.stride() != w.stride():  # element k of each row must be the same element of p and g
+                g = torch.empty_like(w).copy_(g)
+            b_rows = _agc.unit_rows(buf_local) if buf_local is not None else p_rows
+            key = (backend, clip, first_step) + _agc.group_key(p_rows) + _agc.group_key(g)[2:] + _agc.group_key(b_rows)[2:]
+            ps, gs, bs = buckets.setdefault(key, ([], [], []))
+            ps.append(p_rows)
+            gs.append(_agc.unit_rows(g))
+            bs.append(b_rows)
+        if sharded.items:
+            sharded.clip_(group["clip_factor"], group["eps"])
+        for (backend, clip, first_step, *_), (ps, gs, bs) in buckets.items():
+            _ops.sgd_agc_fused(backend, ps, gs, bs, clip=clip, first_step=first_step, **hyper)
+
+
+def _aligned_buffer(name: str, p: torch.Tensor, buf: torch.Tensor, state: dict) -> torch.Tensor:
+    """The momentum buffer laid out like ``p`` (a loaded state dict may carry other strides)."""
+    if buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+        raise ValueError(
+            f"{OP}: the momentum buffer of {name} has shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}; "
+            f"expected {tuple(p.shape)}, {p.dtype} on {p.device} (a state dict of another model?)"
+        )
+    if buf.stride() != p.stride():
+        buf = torch.empty_like(p).copy_(buf)
+        state["momentum_buffer"] = buf
+    return buf
+
+
+def _check_group_options(group: dict, where: str) -> None:
+    at = f" ({where})" if where else ""
+    check_float(OP, f"lr{at}", group["lr"], nonneg=True)
+    momentum = check_float(OP, f"momentum{at}", group["momentum"], nonneg=True)
+    check_float(OP, f"weight_decay{at}", group["weight_decay"], nonneg=True)
+    check_float(OP, f"clip_factor{at}", group["clip_factor"], positive=True)
+    check_float(OP, f"eps{at}", group["eps"], nonneg=True)
+    for flag in ("nesterov", "clipping"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{OP}: {flag}{at} must be a bool; got {type(group[flag]).__name__}")
+    if group["nesterov"] and momentum == 0:
+        raise ValueError(f"{OP}: nesterov{at} needs momentum > 0 (as torch.optim.SGD)")
+
+
+def nfnet_param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    no_clip: Iterable[str] = ("head.fc",),
+) -> list[dict]:
+    """The paper's param groups for ``model`` (Brock et al. 2021, §4.1 and Appendix):
+    weight decay on weights only (not on gains, biases or SkipInit gains: ndim ≤ 1 or a name
+    ending in "gain"), no clipping on the modules or parameters named in ``no_clip`` (the
+    final classifier). Empty groups are left out."""
+    prefixes = tuple(no_clip)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() > 1 and not name.endswith("gain")
+        clip = not any(name == x or name.startswith(x + ".") for x in prefixes)
+        groups.setdefault((decay, clip), []).append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "clipping": clip}
+        for (decay, clip), params in groups.items()
+    ]

@@ -1,0 +1,300 @@
+"""nfkernels.agc_ and agc_parameters against timm's adaptive_clip_grad, written out here in
+float64 (timm/utils/agc.py), on every backend that can run here."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import nfkernels as nfk
+from nfkernels.ops import agc as agc_ops
+from nfk_testing import DEVICE, ON_GPU, assert_close, backends_for, rel_err
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "timm_nfnet_tiny.pt"
+BACKENDS = backends_for(("torch", "triton", "cuda"))
+
+
+def timm_unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim <= 1:
+        return x.norm(2.0)
+    return x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def timm_adaptive_clip_grad(grads, weights, clip_factor=0.01, eps=1e-3):
+    """timm.utils.agc.adaptive_clip_grad on float64 copies; returns the clipped gradients."""
+    out = []
+    for w, g in zip(weights, grads):
+        w, g = w.detach().double(), g.detach().double()
+        max_norm = timm_unitwise_norm(w).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = timm_unitwise_norm(g)
+        clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
+        out.append(torch.where(grad_norm < max_norm, g, clipped))
+    return out
+
+
+def random_params(dtype, device=DEVICE, seed=0):
+    """1-D, 2-D, 4-D (contiguous and channels_last), (O,1,1,1) gains, a scalar, a zero weight, a
+    zero gradient, an empty tensor and a strided (non-dense) gradient; gradient scales chosen so
+    that some units are clipped and some kept."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    specs = [
+        ((6, 3, 3, 3), 0.2, 0.01),
+        ((5, 7), 1.0, 0.02),
+        ((9,), 0.5, 0.004),
+        ((), 0.8, 0.05),
+        ((4, 1, 1, 1), 1.0, 0.02),
+        ((3, 5), 0.0, 0.01),  # zero weight: ‖W‖* = eps
+        ((7,), 1.0, 0.0),  # zero gradient
+        ((0, 4), 1.0, 1.0),  # empty
+        ((1,), 1.0, 0.5),
+    ]
+    params = []
+    for shape, w_scale, g_scale in specs:
+        p = torch.nn.Parameter(randn(*shape, scale=w_scale).to(device))
+        p.grad = randn(*shape, scale=g_scale).to(device) * (1 + torch.arange(p.numel(), dtype=dtype, device=device).reshape(shape) % 3)
+        params.append(p)
+    w = randn(4, 3, 3, 2, scale=0.3).to(device).to(memory_format=torch.channels_last)
+    p = torch.nn.Parameter(w)
+    p.grad = randn(4, 3, 3, 2, scale=0.01).to(device)  # contiguous grad, channels_last weight
+    params.append(p)
+    p = torch.nn.Parameter(randn(8, scale=0.5).to(device))
+    p.grad = randn(16, scale=0.02).to(device)[::2]  # not dense: clipped through a copy
+    params.append(p)
+    params.append(torch.nn.Parameter(randn(3, 4).to(device)))  # no grad: skipped
+    return params
+
+
+def check_against_timm(params, grads_before, tol, clip_factor=0.01, eps=1e-3):
+    expected = timm_adaptive_clip_grad(grads_before, [p.detach() for p in params], clip_factor, eps)
+    for i, (p, ref) in enumerate(zip(params, expected)):
+        assert_close(p.grad, ref, tol, f"param {i} {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_agc_matches_timm(backend, dtype):
+    params = random_params(dtype)
+    with_grad = [p for p in params if p.grad is not None]
+    before = [p.grad.clone() for p in with_grad]
+    with nfk.use_backend(backend):
+        nfk.agc_(params)
+    tol = 1e-10 if dtype == torch.float64 else 2e-6
+    check_against_timm(with_grad, before, tol)
+    assert params[-1].grad is None
+    # the set really exercises both branches
+    kept = [torch.equal(p.grad, b) for p, b in zip(with_grad, before) if p.numel()]
+    assert any(kept) and not all(kept)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_agc_low_precision(backend, dtype):
+    """fp16/bf16 gradients, norms in fp32: within twice plain PyTorch's own error in that dtype."""
+    params = random_params(dtype)
+    with_grad = [p for p in params if p.grad is not None and p.numel()]
+    before = [p.grad.clone() for p in with_grad]
+    expected = timm_adaptive_clip_grad(before, [p.detach() for p in with_grad])
+    plain = [g.clone() for g in before]  # timm's loop run in the low dtype itself
+    for p, g in zip(with_grad, plain):
+        max_norm = timm_unitwise_norm(p.detach()).clamp(min=1e-3) * 0.01
+        gn = timm_unitwise_norm(g)
+        g.copy_(torch.where(gn < max_norm, g, g * (max_norm / gn.clamp(min=1e-6))))
+    with nfk.use_backend(backend):
+        nfk.agc_(params)
+    for p, ref, g_plain in zip(with_grad, expected, plain):
+        assert_close(p.grad, ref, 2 * rel_err(g_plain, ref) + 2e-3, f"{tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_agc_long_rows_and_one_launch_per_group(backend, monkeypatch, count_launches):
+    """Rows longer than the block are streamed; fp32 and fp64 tensors make two launches."""
+    monkeypatch.setattr(agc_ops, "MAX_BLOCK", 16)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [((3, 37), torch.float32), ((53,), torch.float32), ((2, 5, 7), torch.float64), ((40,), torch.float64)]
+    params = []
+    for shape, dtype in shapes:
+        p = torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=dtype).to(DEVICE))
+        p.grad = (torch.randn(*shape, generator=gen, dtype=dtype) * 0.02).to(DEVICE)
+        params.append(p)
+    before = [p.grad.clone() for p in params]
+    counter = count_launches(agc_ops, "_agc_kernel") if backend == "triton" else None
+    with nfk.use_backend(backend):
+        nfk.agc_(params)
+    if counter is not None:
+        assert counter.count == 2
+    for p, ref in zip(params, timm_adaptive_clip_grad(before, params)):
+        assert_close(p.grad, ref, 2e-6, f"{tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_row_table_cached_while_tensors_stay(backend):
+    params = random_params(torch.float32, seed=5)[:3]
+    with nfk.use_backend(backend):
+        nfk.agc_(params)
+        size = len(agc_ops._table_cache)
+        tables = list(agc_ops._table_cache.values())
+        nfk.agc_(params)
+        assert len(agc_ops._table_cache) == size and list(agc_ops._table_cache.values())[-1] is tables[-1]
+        params[0].grad = params[0].grad.clone()  # new storage: a new table
+        nfk.agc_(params)
+        assert list(agc_ops._table_cache.values())[-1] is not tables[-1]
+
+
+def _tree_module(named: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose named_parameters() are ``named`` (dotted names become submodules)."""
+    root = torch.nn.Module()
+    for name, value in named.items():
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, torch.nn.Parameter(value.clone()))
+    return root
+
+
+@pytest.mark.skipif(not DATA.exists(), reason=f"reference data {DATA} not found")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_on_timm_nfnet_tiny(backend):
+    """The clipped gradients timm computed for a real NFNet (all but head.fc.*)."""
+    data = torch.load(DATA, weights_only=True)
+    model = _tree_module(data["state_dict"]).to(DEVICE)
+    params = dict(model.named_parameters())
+    for case in data["cases"]:
+        for name, p in params.items():
+            p.grad = case["grads"][name].clone().to(DEVICE)
+        with nfk.use_backend(backend):
+            nfk.agc_(nfk.agc_parameters(model, exclude=["head.fc"]))
+        for name, p in params.items():
+            expected = case["agc_grads"][name] if not name.startswith("head.fc") else case["grads"][name]
+            assert_close(p.grad, expected.to(DEVICE), 1e-10, name)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_non_finite_gradients(backend):
+    """NaN in a unit → that unit all NaN; ‖G‖ = inf → finite entries 0, inf entries NaN;
+    other units exactly as timm. The same result as timm's loop, NaN for NaN."""
+    w = torch.nn.Parameter(torch.randn(4, 6, dtype=torch.float64, device=DEVICE))
+    g = torch.randn(4, 6, dtype=torch.float64, device=DEVICE) * 0.05
+    g[1, 2] = float("nan")
+    g[2, 0] = float("inf")
+    bias = torch.nn.Parameter(torch.randn(5, dtype=torch.float64, device=DEVICE))
+    w_nan = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64, device=DEVICE))
+    w_nan.data[0, 1] = float("nan")
+    w.grad, bias.grad = g.clone(), torch.full((5,), float("nan"), dtype=torch.float64, device=DEVICE)
+    w_nan.grad = torch.randn(3, 2, dtype=torch.float64, device=DEVICE) * 1e-6
+    params = [w, bias, w_nan]
+    before = [p.grad.clone() for p in params]
+    with nfk.use_backend(backend):
+        nfk.agc_(params)
+    for p, ref in zip(params, timm_adaptive_clip_grad(before, params)):
+        torch.testing.assert_close(p.grad, ref, equal_nan=True, rtol=1e-12, atol=0)
+    assert torch.isnan(w.grad[1]).all() and torch.isfinite(w.grad[[0, 3]]).all()
+    assert w.grad[2, 0].isnan() and (w.grad[2, 1:] == 0).all()
+    assert torch.isnan(w_nan.grad[0]).all() and torch.isfinite(w_nan.grad[1:]).all()
+
+
+def test_accepts_tensor_iterable_and_param_groups():
+    params = random_params(torch.float64, seed=7)[:4]
+    before = [p.grad.clone() for p in params]
+    expected = timm_adaptive_clip_grad(before, params)
+    nfk.agc_(params[0])
+    nfk.agc_(iter([params[1]]))
+    nfk.agc_([{"params": [params[2]], "lr": 0.1}, {"params": params[3]}])
+    for p, ref in zip(params, expected):
+        assert_close(p.grad, ref, 1e-12)
+    # a repeated parameter is clipped once
+    q = random_params(torch.float64, seed=7)[0]
+    nfk.agc_([q, q])
+    assert_close(q.grad, expected[0], 1e-12)
+
+
+def test_agc_parameters_helper():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    assert nfk.agc_parameters(model) == [model[0].weight, model[0].bias]
+    assert nfk.agc_parameters(model, exclude=["2.weight"]) == [model[0].weight, model[0].bias, model[2].bias]
+    assert nfk.agc_parameters(model, exclude=lambda name, p: p.dim() <= 1) == [model[0].weight, model[2].weight]
+
+    class WithClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+            self.proj = torch.nn.Linear(2, 2)
+
+        def get_classifier(self):
+            return self.fc
+
+    m = WithClassifier()
+    assert nfk.agc_parameters(m) == [m.proj.weight, m.proj.bias]
+    with pytest.raises(TypeError, match="exclude"):
+        nfk.agc_parameters(model, exclude="head.fc")
+    with pytest.raises(ValueError, match="classifier"):
+        nfk.agc_parameters(torch.nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="model"):
+        nfk.agc_parameters([model[0].weight])
+
+
+def test_bad_inputs():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    p.grad = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="clip_factor"):
+        nfk.agc_([p], clip_factor=-0.01)
+    with pytest.raises(ValueError, match="eps"):
+        nfk.agc_([p], eps=-1.0)
+    with pytest.raises(TypeError, match="clip_factor"):
+        nfk.agc_([p], clip_factor="0.01")
+    with pytest.raises(TypeError, match=r"parameters\[1\]"):
+        nfk.agc_([p, 3.0])
+    with pytest.raises(TypeError, match="parameters"):
+        nfk.agc_(42)
+    with pytest.raises(TypeError, match="'params'"):
+        nfk.agc_([{"lr": 0.1}])
+    sparse = torch.nn.Parameter(torch.randn(5, 3))
+    sparse.grad = torch.randn(5, 3).to_sparse()
+    with pytest.raises(TypeError, match=r"parameters\[0\]\.grad"):
+        nfk.agc_([sparse])
+    ints = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"parameters"):
+        ints.grad = torch.zeros(3, dtype=torch.int64)
+        nfk.agc_(ints)
+    if not ON_GPU:
+        with pytest.raises(RuntimeError, match="cuda"), nfk.use_backend("cuda"):
+            nfk.agc_([p])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_agc_cuda_graph_capture(backend):
+    if backend == "cuda" and "cuda" not in BACKENDS:
+        pytest.skip("nfkernels._C not built")
+    params = random_params(torch.float32)[:6]
+    grads = [p.grad for p in params]
+    originals = [g.clone() for g in grads]
+    with nfk.use_backend(backend):
+        nfk.agc_(params)  # warm-up: compiles the kernel and builds the row table
+        for g, o in zip(grads, originals):
+            g.copy_(o)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            nfk.agc_(params)
+    for g, o in zip(grads, originals):
+        g.copy_(o * 3)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = timm_adaptive_clip_grad([o * 3 for o in originals], params)
+    for p, ref in zip(params, expected):
+        assert_close(p.grad, ref, 2e-6)
+
+
+def test_default_arguments_are_the_papers():
+    import inspect
+
+    sig = inspect.signature(nfk.agc_)
+    assert sig.parameters["clip_factor"].default == 0.01 and math.isclose(sig.parameters["eps"].default, 1e-3)

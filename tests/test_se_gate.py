@@ -1,0 +1,394 @@
+"""se_gate_residual against independent float64 math, forward and backward, every backend."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nfkernels as nfk
+from nfkernels.ops import se_gate as se_op
+from nfk_testing import DEVICE, assert_close, backends_for, rel_err, tolerance
+
+BACKENDS = backends_for(("torch", "triton"))
+CL = torch.channels_last
+
+ALL = dict(bias=True, shortcut_bias=True, skip_gain=True, mask=True, fc1_bias=True, fc2_bias=True)
+NONE = dict(bias=False, shortcut_bias=False, skip_gain=False, mask=False, fc1_bias=False, fc2_bias=False)
+# name: (shape, rd or None for no SE, which optional arguments, channels_last, fc weights 2-D)
+CASES = {
+    "se_odd_nchw": ((2, 3, 5, 7), 2, ALL, False, False),
+    "se_channels_last": ((3, 16, 7, 9), 5, ALL, True, False),
+    "se_bare": ((3, 16, 7, 9), 3, NONE, False, False),
+    "se_fc2_bias_only_cl": ((2, 6, 4, 4), 4, {**NONE, "fc2_bias": True}, True, True),
+    "se_1x1_spatial": ((1, 8, 1, 1), 3, ALL, False, False),
+    "se_1x1_spatial_cl": ((1, 8, 1, 1), 3, ALL, True, True),
+    "no_se_all": ((2, 3, 5, 7), None, ALL, False, False),
+    "no_se_bare_cl": ((3, 16, 7, 9), None, NONE, True, False),
+}
+
+
+def reference(h, shortcut, w1, b1, w2, b2, *, bias, shortcut_bias, skip_gain, mask, alpha, attn_gain):
+    """Float64 math written from the formula, independent of the library."""
+    n, c, hh, ww = h.shape
+    hb = h + bias.reshape(1, c, 1, 1) if bias is not None else h
+    scale = alpha * (skip_gain.reshape(()) if skip_gain is not None else 1.0)
+    if mask is not None:
+        scale = scale * mask.to(h.dtype).reshape(n, 1, 1, 1)
+    if w1 is not None:
+        pooled = hb.sum(dim=(2, 3)) / (hh * ww)
+        pre = pooled @ w1.reshape(w1.shape[0], c).t()
+        if b1 is not None:
+            pre = pre + b1
+        z = pre.clamp(min=0) @ w2.reshape(c, -1).t()
+        if b2 is not None:
+            z = z + b2
+        scale = scale * attn_gain / (1 + torch.exp(-z)).reshape(n, c, 1, 1)
+    out = scale * hb if shortcut is None else shortcut + scale * hb
+    return out + shortcut_bias.reshape(1, c, 1, 1) if shortcut_bias is not None else out
+
+
+def make_inputs(shape, rd, opts, dtype, channels_last=False, fc_2d=False, seed=0):
+    """(tensors, dout): tensors is a dict of the op's arguments; random, non-zero, fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+
+    def rnd(*size, scale=1.0):
+        return scale * torch.randn(*size, generator=g, dtype=torch.float64)
+
+    t = {"h": rnd(*shape) + 0.5, "shortcut": rnd(*shape)}
+    if rd is not None:
+        t["fc1_weight"] = rnd(rd, c, scale=1 / math.sqrt(c)) if fc_2d else rnd(rd, c, 1, 1, scale=1 / math.sqrt(c))
+        t["fc2_weight"] = rnd(c, rd, scale=1 / math.sqrt(rd)) if fc_2d else rnd(c, rd, 1, 1, scale=1 / math.sqrt(rd))
+        t["fc1_bias"] = rnd(rd, scale=0.5) if opts["fc1_bias"] else None
+        t["fc2_bias"] = rnd(c, scale=0.5) if opts["fc2_bias"] else None
+    t["bias"] = rnd(c, scale=0.5) if opts["bias"] else None
+    t["shortcut_bias"] = rnd(c) if opts["shortcut_bias"] else None
+    t["skip_gain"] = 0.5 + torch.rand((), generator=g, dtype=torch.float64) if opts["skip_gain"] else None
+    dout = rnd(*shape)
+    t = {k: (v.to(DEVICE, dtype) if v is not None else None) for k, v in t.items()}
+    if channels_last:
+        t["h"], t["shortcut"] = t["h"].contiguous(memory_format=CL), t["shortcut"].contiguous(memory_format=CL)
+        dout = dout.contiguous(memory_format=CL)
+    # Stochastic depth with keep_prob 0.8: dropped samples are 0, kept ones 1/0.8; float32 always.
+    t["mask"] = (torch.tensor([1.25, 0.0, 1.25][:n] if n > 1 else [1.25], dtype=torch.float32, device=DEVICE)
+                 if opts["mask"] else None)
+    return t, dout.to(DEVICE, dtype)
+
+
+DIFFERENTIABLE = ("h", "shortcut", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "bias", "shortcut_bias",
+                  "skip_gain")
+
+
+def call(fn, t, **kw):
+    return fn(t["h"], t["shortcut"], t.get("fc1_weight"), t.get("fc1_bias"), t.get("fc2_weight"), t.get("fc2_bias"),
+              bias=t["bias"], shortcut_bias=t["shortcut_bias"], skip_gain=t["skip_gain"], mask=t["mask"], **kw)
+
+
+def leaves(t, cast=None, requires=DIFFERENTIABLE):
+    """Detached copies (optionally cast) of the tensors, with requires_grad on the named ones."""
+    out = {}
+    for k, v in t.items():
+        if v is not None:
+            v = v.detach().clone() if cast is None else v.detach().to(cast)
+            v.requires_grad_(k in requires)
+        out[k] = v
+    return out
+
+
+def grads(t, out, dout):
+    out.backward(dout)
+    return {k: t[k].grad for k in DIFFERENTIABLE if t.get(k) is not None and t[k].requires_grad}
+
+
+def run_and_grad(t, dout, backend, requires=DIFFERENTIABLE, **kw):
+    t = leaves(t, requires=requires)
+    with nfk.use_backend(backend):
+        out = call(nfk.se_gate_residual, t, **kw)
+    return out, grads(t, out, dout)
+
+
+def reference_and_grad(t, dout, alpha=0.2, attn_gain=2.0):
+    t = leaves(t, cast=torch.float64)
+    out = call(lambda *a, **k: reference(*a, **k, alpha=alpha, attn_gain=attn_gain), t)
+    return out, grads(t, out, dout.double())
+
+
+def plain_torch_in_dtype(t, dout):
+    """The same formula computed by plain PyTorch ops without upcasting, for the bf16/fp16 bound."""
+    t = leaves(t)
+    out = call(lambda *a, **k: reference(*a, **k, alpha=0.2, attn_gain=2.0), t)
+    return out, grads(t, out, dout)
+
+
+def assert_all_close(got, want, tol):
+    out, g = got
+    ref, ref_g = want
+    assert_close(out, ref, tol, "forward")
+    assert set(g) == set(ref_g)
+    for k in ref_g:
+        assert_close(g[k], ref_g[k], tol, f"d{k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_backward_matches_float64(backend, case, dtype):
+    shape, rd, opts, channels_last, fc_2d = CASES[case]
+    t, dout = make_inputs(shape, rd, opts, dtype, channels_last, fc_2d, seed=sum(map(ord, case)))
+    out, g = run_and_grad(t, dout, backend)
+    assert out.dtype == dtype and out.shape == shape
+    if channels_last:
+        assert out.is_contiguous(memory_format=CL) and g["h"].is_contiguous(memory_format=CL)
+    else:
+        assert out.is_contiguous() and g["h"].is_contiguous()
+    for k, v in g.items():
+        assert v.shape == t[k].shape and v.dtype == dtype, k
+    assert_all_close((out, g), reference_and_grad(t, dout), tolerance(dtype, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_plain_torch(backend, dtype):
+    t, dout = make_inputs((2, 12, 5, 6), 4, ALL, dtype, channels_last=True, seed=3)
+    out, g = run_and_grad(t, dout, backend)
+    ref, ref_g = reference_and_grad(t, dout)
+    plain, plain_g = plain_torch_in_dtype(t, dout)
+    assert out.dtype == dtype and all(v.dtype == dtype for v in g.values())
+    assert_close(out, ref, tolerance(dtype, backend, rel_err(plain, ref)), "forward")
+    for k in ref_g:
+        assert_close(g[k], ref_g[k], tolerance(dtype, backend, rel_err(plain_g[k], ref_g[k])), f"d{k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("h_cl", [False, True])
+def test_shortcut_and_grad_in_other_layout(backend, h_cl):
+    t, dout = make_inputs((2, 6, 5, 3), 3, ALL, torch.float64, channels_last=h_cl, seed=5)
+    other = torch.contiguous_format if h_cl else CL
+    t["shortcut"] = t["shortcut"].contiguous(memory_format=other)
+    dout = dout.contiguous(memory_format=other)
+    out, g = run_and_grad(t, dout, backend)
+    h_format = CL if h_cl else torch.contiguous_format
+    assert out.is_contiguous(memory_format=h_format) and g["h"].is_contiguous(memory_format=h_format)
+    assert_all_close((out, g), reference_and_grad(t, dout), tolerance(torch.float64, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_h(backend):
+    t, dout = make_inputs((2, 12, 5, 6), 3, ALL, torch.float64, seed=7)
+    t["fc1_weight"] = t["fc1_weight"][:, ::2].contiguous()
+    t["fc2_weight"] = t["fc2_weight"][::2].contiguous()
+    for k in ("fc2_bias", "bias", "shortcut_bias"):
+        t[k] = t[k][::2].contiguous()
+    t["h"] = t["h"][:, ::2]  # neither layout: the op copies, the result is still right
+    t["shortcut"] = t["shortcut"][:, 1::2].transpose(2, 3).contiguous().transpose(2, 3)
+    dout = dout[:, ::2]
+    out, g = run_and_grad(t, dout, backend)
+    assert_all_close((out, g), reference_and_grad(t, dout), tolerance(torch.float64, backend))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("rd", [5, None])
+def test_tiles_smaller_than_the_tensor(monkeypatch, channels_last, rd):
+    """Channel blocks, HW loops and partial tiles: the masks and the loops over HW."""
+    monkeypatch.setattr(se_op, "REDUCE_TILE", 16)
+    monkeypatch.setattr(se_op, "STREAM_TILE", 8)
+    monkeypatch.setattr(se_op, "MAX_BLOCK_C", 4)
+    t, dout = make_inputs((3, 10, 7, 9), rd, ALL, torch.float64, channels_last, seed=11)
+    got = run_and_grad(t, dout, "triton")
+    assert_all_close(got, reference_and_grad(t, dout), 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_skip_gain_still_gets_its_gradient(backend):
+    """SkipInit starts at 0: the gradient of the gain must not come from dividing by it."""
+    t, dout = make_inputs((2, 6, 4, 5), 3, ALL, torch.float64, seed=13)
+    t["skip_gain"] = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    out, g = run_and_grad(t, dout, backend)
+    ref, ref_g = reference_and_grad(t, dout)
+    assert ref_g["skip_gain"].abs() > 0
+    assert_all_close((out, g), (ref, ref_g), tolerance(torch.float64, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires", [("h",), ("shortcut",), ("skip_gain",), ("fc2_bias", "bias")])
+def test_only_some_inputs_require_grad(backend, requires):
+    t, dout = make_inputs((2, 6, 3, 5), 3, ALL, torch.float64, channels_last=True, seed=17)
+    out, g = run_and_grad(t, dout, backend, requires=requires)
+    ref, ref_g = reference_and_grad(t, dout)
+    assert set(g) == set(requires)
+    tol = tolerance(torch.float64, backend)
+    assert_close(out, ref, tol, "forward")
+    for k in requires:
+        assert_close(g[k], ref_g[k], tol, f"d{k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha_and_attn_gain(backend):
+    t, dout = make_inputs((2, 6, 3, 3), 3, ALL, torch.float64, seed=19)
+    got = run_and_grad(t, dout, backend, alpha=0.7, attn_gain=1.3)
+    assert_all_close(got, reference_and_grad(t, dout, alpha=0.7, attn_gain=1.3), tolerance(torch.float64, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_path(backend):
+    t, _ = make_inputs((2, 8, 3, 4), 3, ALL, torch.float32, channels_last=True, seed=23)
+    with torch.no_grad(), nfk.use_backend(backend):
+        out = call(nfk.se_gate_residual, leaves(t))
+    assert not out.requires_grad and out.is_contiguous(memory_format=CL)
+    assert_close(out, reference_and_grad(t, torch.zeros(out.shape))[0], 2e-5, "forward")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    t, dout = make_inputs((2, 6, 3, 3), 3, NONE, torch.float32, seed=29)
+    t["h"], t["shortcut"], dout = t["h"][:0], t["shortcut"][:0], dout[:0]
+    out, g = run_and_grad(t, dout, backend)
+    assert out.shape == (0, 6, 3, 3)
+    assert g["h"].shape == (0, 6, 3, 3) and torch.equal(g["fc1_weight"], torch.zeros_like(t["fc1_weight"]))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("rd", [3, None])
+def test_triton_kernels_are_what_runs(count_launches, rd):
+    names = ("_se_pool_fwd_kernel", "_se_gate_fwd_kernel", "_se_gate_bwd_reduce_kernel", "_se_gate_bwd_kernel")
+    counters = [count_launches(se_op, name) for name in names]
+    t, dout = make_inputs((2, 6, 3, 3), rd, ALL, torch.float32, seed=31)
+    run_and_grad(t, dout, "triton")
+    expected = [1 if rd is not None else 0, 1, 1, 1]  # no SE, nothing to pool
+    assert [c.count for c in counters] == expected
+    run_and_grad(t, dout, "torch")
+    assert [c.count for c in counters] == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_timm_normfreeblock_tail(backend):
+    """timm NormFreeBlock.forward's tail, written literally (conv3 -> SEModule ×attn_gain ->
+    drop_path -> ×skipinit_gain -> ×alpha + shortcut), against the fused op fed the conv
+    outputs without their biases; gradients flow back into the convs' parameters and input."""
+    g = torch.Generator().manual_seed(37)
+
+    def rnd(*size, scale=1.0):
+        return (scale * torch.randn(*size, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_(True)
+
+    n, cin, c, rd = 4, 5, 8, 3
+    x = rnd(n, cin, 6, 7)
+    conv3_w, conv3_b = rnd(c, cin, 1, 1, scale=0.5), rnd(c, scale=0.3)
+    down_w, down_b = rnd(c, cin, 1, 1, scale=0.5), rnd(c, scale=0.3)
+    fc1_w, fc1_b = rnd(rd, c, 1, 1, scale=0.4), rnd(rd)
+    fc2_w, fc2_b = rnd(c, rd, 1, 1, scale=0.5), rnd(c)
+    skipinit_gain = torch.tensor(0.6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    params = (x, conv3_w, conv3_b, down_w, down_b, fc1_w, fc1_b, fc2_w, fc2_b, skipinit_gain)
+    keep_prob, alpha, attn_gain = 0.75, 0.2, 2.0
+    random_tensor = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=DEVICE).view(n, 1, 1, 1)
+    dout = torch.randn(n, c, 6, 7, generator=g, dtype=torch.float64).to(DEVICE)
+
+    # timm: shortcut = self.downsample(x); out = self.conv3(out); out = self.attn_gain * self.attn_last(out)
+    shortcut = F.conv2d(x, down_w, down_b)
+    out = F.conv2d(x, conv3_w, conv3_b)
+    x_se = out.mean((2, 3), keepdim=True)
+    x_se = F.conv2d(x_se, fc1_w, fc1_b)
+    x_se = F.relu(x_se)
+    x_se = F.conv2d(x_se, fc2_w, fc2_b)
+    out = attn_gain * (out * x_se.sigmoid())
+    out = out.div(keep_prob) * random_tensor  # timm drop_path with scale_by_keep
+    out = out * skipinit_gain
+    want = out * alpha + shortcut
+    want_grads = torch.autograd.grad(want, params, dout)
+
+    with nfk.use_backend(backend):
+        got = nfk.se_gate_residual(
+            F.conv2d(x, conv3_w), F.conv2d(x, down_w), fc1_w, fc1_b, fc2_w, fc2_b, bias=conv3_b,
+            shortcut_bias=down_b, skip_gain=skipinit_gain, mask=(random_tensor / keep_prob).view(n),
+            alpha=alpha, attn_gain=attn_gain)
+    got_grads = torch.autograd.grad(got, params, dout)
+    tol = tolerance(torch.float64, backend)
+    assert_close(got, want, tol, "forward")
+    for i, (a, b) in enumerate(zip(got_grads, want_grads)):
+        assert_close(a, b, tol, f"grad of parameter {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_without_shortcut_is_a_plain_gate(backend, channels_last):
+    """shortcut=None: out = alpha·k·m·attn_gain·SE-gate·hb, as a standalone SE layer needs."""
+    t, dout = make_inputs((2, 6, 5, 3), 4, {**ALL, "shortcut_bias": False}, torch.float64, channels_last, seed=21)
+    t["shortcut"] = None
+    ours = leaves(t)
+    with nfk.use_backend(backend):
+        out = call(nfk.se_gate_residual, ours, alpha=1.0, attn_gain=1.0)
+    ref_in = leaves(t)
+    ref = call(reference, ref_in, alpha=1.0, attn_gain=1.0)
+    tol = tolerance(torch.float64, backend)
+    assert_close(out, ref, tol, "forward")
+    assert out.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    got, want = grads(ours, out, dout), grads(ref_in, ref, dout)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(got[k], want[k], tol, f"d{k}")
+
+
+def test_bad_inputs_raise_clear_errors():
+    h, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    w1, w2 = torch.randn(2, 4, 1, 1), torch.randn(4, 2, 1, 1)
+    f = nfk.se_gate_residual
+    with pytest.raises(TypeError, match="h must be a torch.Tensor"):
+        f([1.0], s)
+    with pytest.raises(TypeError, match="h must have dtype"):
+        f(torch.ones(2, 4, 3, 3, dtype=torch.int32), s)
+    with pytest.raises(ValueError, match="h must be 4-D"):
+        f(torch.randn(2, 4, 3), s)
+    with pytest.raises(ValueError, match="shortcut_bias was given without shortcut"):
+        f(h, None, shortcut_bias=torch.randn(4))
+    with pytest.raises(ValueError, match="shortcut must have h's shape"):
+        f(h, torch.randn(2, 4, 3, 4))
+    with pytest.raises(ValueError, match="fc2_weight was given without fc1_weight"):
+        f(h, s, None, None, w2)
+    with pytest.raises(ValueError, match="fc2_weight is required"):
+        f(h, s, w1)
+    with pytest.raises(ValueError, match="fc1_weight must have shape"):
+        f(h, s, torch.randn(2, 5, 1, 1), None, w2)
+    with pytest.raises(ValueError, match="fc1_weight must have shape"):
+        f(h, s, torch.randn(2, 4, 3, 3), None, w2)
+    with pytest.raises(ValueError, match=r"fc2_weight must have shape \(4, 2\)"):
+        f(h, s, w1, None, torch.randn(4, 3, 1, 1))
+    with pytest.raises(ValueError, match="fc1_bias must have 2 elements"):
+        f(h, s, w1, torch.randn(4), w2)
+    with pytest.raises(ValueError, match="fc2_bias must have 4 elements"):
+        f(h, s, w1, None, w2, torch.randn(2))
+    with pytest.raises(ValueError, match="bias must have 4 elements"):
+        f(h, s, bias=torch.randn(3))
+    with pytest.raises(ValueError, match="shortcut_bias must have 4 elements"):
+        f(h, s, shortcut_bias=torch.randn(5))
+    with pytest.raises(ValueError, match="skip_gain must have 1 elements"):
+        f(h, s, skip_gain=torch.ones(2))
+    with pytest.raises(ValueError, match="mask must have 2 elements"):
+        f(h, s, mask=torch.ones(3))
+    with pytest.raises(TypeError, match="mask must have dtype"):
+        f(h, s, mask=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="skip_gain has dtype"):
+        f(h, s, skip_gain=torch.ones((), dtype=torch.float64))
+    with pytest.raises(TypeError, match="shortcut has dtype"):
+        f(h, s.half())
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        f(h, s, alpha="0.2")
+    with pytest.raises(ValueError, match="attn_gain must be finite"):
+        f(h, s, attn_gain=float("nan"))
+    with pytest.raises(TypeError, match="dense"):
+        f(h.to_sparse(), s)
+    # mask may have any floating dtype
+    out = f(h, s, mask=torch.ones(2, dtype=torch.float64))
+    assert out.dtype == h.dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grad_from_sum(backend):
+    """out.sum().backward() hands the op a stride-0 gradient."""
+    t, _ = make_inputs((2, 6, 3, 5), 3, ALL, torch.float64, channels_last=True, seed=41)
+    t = leaves(t)
+    with nfk.use_backend(backend):
+        call(nfk.se_gate_residual, t).sum().backward()
+    ref = leaves(t, cast=torch.float64)
+    call(lambda *a, **k: reference(*a, **k, alpha=0.2, attn_gain=2.0), ref).sum().backward()
+    for k in DIFFERENTIABLE:
+        assert_close(t[k].grad, ref[k].grad, tolerance(torch.float64, backend), f"d{k}")
