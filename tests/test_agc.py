@@ -92,8 +92,14 @@ def test_agc_matches_timm(backend, dtype):
     assert any(kept) and not all(kept)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
-@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+# Triton's interpreter has no bf16 arithmetic.
+LOW_PRECISION = [
+    (backend, dtype) for backend in BACKENDS for dtype in (torch.float16, torch.bfloat16)
+    if ON_GPU or backend != "triton" or dtype != torch.bfloat16
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype"), LOW_PRECISION)
 def test_agc_low_precision(backend, dtype):
     """fp16/bf16 gradients, norms in fp32: within twice plain PyTorch's own error in that dtype."""
     params = random_params(dtype)
@@ -163,11 +169,13 @@ def _tree_module(named: dict[str, torch.Tensor]) -> torch.nn.Module:
 @pytest.mark.skipif(not DATA.exists(), reason=f"reference data {DATA} not found")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_agc_on_timm_nfnet_tiny(backend):
-    """The clipped gradients timm computed for a real NFNet (all but head.fc.*)."""
+    """The clipped gradients timm computed for a real NFNet (all but head.fc.*). The interpreter
+    runs one program per unit at ~10 ms each, so it checks the first case only."""
     data = torch.load(DATA, weights_only=True)
     model = _tree_module(data["state_dict"]).to(DEVICE)
     params = dict(model.named_parameters())
-    for case in data["cases"]:
+    interpreted = backend == "triton" and not ON_GPU
+    for case in data["cases"][:1] if interpreted else data["cases"]:
         for name, p in params.items():
             p.grad = case["grads"][name].clone().to(DEVICE)
         with nfk.use_backend(backend):
@@ -177,7 +185,8 @@ def test_agc_on_timm_nfnet_tiny(backend):
             assert_close(p.grad, expected.to(DEVICE), 1e-10, name)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf·0
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_gradients(backend):
     """NaN in a unit → that unit all NaN; ‖G‖ = inf → finite entries 0, inf entries NaN;
     other units exactly as timm. The same result as timm's loop, NaN for NaN."""

@@ -109,7 +109,7 @@ class NFNet(nn.Module):
         self.stem = Stem(in_chans, stem_chs, act, self.gamma, **conv_kw)
 
         total = sum(cfg.depths)
-        rates = torch.linspace(0, cfg.drop_path_rate, total).tolist() if total else []
+        rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace(0, rate, total)
         prev_chs, expected_var, block_id, stages = stem_chs, 1.0, 0, []
         for stage_idx, depth in enumerate(cfg.depths):
             out_chs = make_divisible(cfg.channels[stage_idx], cfg.ch_div)

@@ -1,0 +1,241 @@
+"""nfkernels.optim.SGD_AGC against torch.optim.SGD preceded by timm's AGC loop (written out in
+float64 in test_agc.py), step for step, on every backend that can run here."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import nfkernels as nfk
+from nfkernels.ops import sgd_agc as sgd_ops
+from nfkernels.optim import SGD_AGC, nfnet_param_groups
+from nfk_testing import DEVICE, ON_GPU, assert_close, backends_for
+from test_agc import timm_adaptive_clip_grad
+
+BACKENDS = backends_for(("torch", "triton", "cuda"))
+
+
+def make_params(dtype, seed=0):
+    """Conv weight (one channels_last), gains (O,1,1,1), bias, SkipInit scalar, linear, a
+    zero-initialised weight; sizes small enough for the interpreter."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 3, 3, 3), (6, 1, 1, 1), (6,), (), (5, 6), (5,), (4, 2, 3, 1)]
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen, dtype=torch.float64) * 0.5).to(dtype).to(DEVICE))
+              for s in shapes]
+    params[-1] = torch.nn.Parameter(params[-1].detach().to(memory_format=torch.channels_last))
+    params.append(torch.nn.Parameter(torch.zeros(3, 4, dtype=dtype, device=DEVICE)))
+    return params
+
+
+def random_grads(params, gen):
+    """Gradients of mixed scale, so some units are clipped and some kept at every step."""
+    out = []
+    for p in params:
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.02
+        if p.dim() > 1:
+            g = g * torch.linspace(0.05, 3.0, p.shape[0], dtype=torch.float64).view(-1, *([1] * (p.dim() - 1)))
+        out.append(g.to(p.dtype).to(DEVICE))
+    return out
+
+
+def reference_run(params, groups_spec, grads_per_step, **kw):
+    """torch.optim.SGD on float64 copies, timm's AGC applied to each clipped group first."""
+    ref = [torch.nn.Parameter(p.detach().double().clone()) for p in params]
+    groups = [{**opts, "params": [ref[i] for i in idx]} for idx, opts in groups_spec]
+    clipped = [[ref[i] for i in idx] for idx, opts in groups_spec if opts.get("clipping", True)]
+    clipped = [p for grp in clipped for p in grp]
+    for opts_idx in groups:
+        opts_idx.pop("clipping", None)
+    opt = torch.optim.SGD(groups, **kw)
+    for grads in grads_per_step:
+        for p, g in zip(ref, grads):
+            p.grad = g.double().clone()
+        new = timm_adaptive_clip_grad([p.grad for p in clipped], clipped)
+        for p, g in zip(clipped, new):
+            p.grad.copy_(g)
+        opt.step()
+    return ref
+
+
+def run_ours(params, groups_spec, grads_per_step, backend, **kw):
+    groups = [{**opts, "params": [params[i] for i in idx]} for idx, opts in groups_spec]
+    opt = SGD_AGC(groups, **kw)
+    with nfk.use_backend(backend):
+        for grads in grads_per_step:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    return opt
+
+
+PAPER_GROUPS = [([0, 4, 6, 7], {"weight_decay": 5e-5}), ([1, 2, 3], {"weight_decay": 0.0}),
+                ([5], {"weight_decay": 0.0, "clipping": False})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [dict(momentum=0.9, nesterov=True), dict(momentum=0.9, nesterov=False), dict(momentum=0.0, nesterov=False)],
+    ids=["nesterov", "heavy-ball", "no-momentum"],
+)
+def test_tracks_torch_sgd_with_timm_agc(backend, options):
+    """float64, 12 steps, the paper's groups (decay on weights, none on gains/biases/SkipInit,
+    no clipping on the classifier bias)."""
+    params = make_params(torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    steps = [random_grads(params, gen) for _ in range(12)]
+    ref = reference_run(params, PAPER_GROUPS, steps, lr=0.4, **options)
+    run_ours(params, PAPER_GROUPS, steps, backend, lr=0.4, **options)
+    for i, (p, r) in enumerate(zip(params, ref)):
+        assert_close(p, r, 1e-10 if backend == "torch" else 1e-6, f"param {i} {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_few_steps(backend):
+    params = make_params(torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    steps = [random_grads(params, gen) for _ in range(4)]
+    ref = reference_run(params, [(list(range(8)), {})], steps, lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    run_ours(params, [(list(range(8)), {})], steps, backend, lr=0.2, weight_decay=1e-4)
+    for i, (p, r) in enumerate(zip(params, ref)):
+        assert_close(p, r, 2e-5, f"param {i}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_one_launch_per_group(backend, count_launches):
+    counter = count_launches(sgd_ops, "_sgd_agc_kernel") if backend == "triton" else None
+    params = make_params(torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    opt = run_ours(params, PAPER_GROUPS, [random_grads(params, gen) for _ in range(2)], backend, lr=0.1)
+    if counter is not None:
+        assert counter.count == 2 * len(PAPER_GROUPS)
+    assert all("momentum_buffer" in opt.state[p] for p in params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_round_trip_and_interchange(backend):
+    params = make_params(torch.float64)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    gen = torch.Generator().manual_seed(4)
+    steps = [random_grads(params, gen) for _ in range(6)]
+    opt = run_ours(params, PAPER_GROUPS, steps[:3], backend, lr=0.3)
+    state = copy.deepcopy(opt.state_dict())
+    # the twin takes the same first three steps, then resumes from the saved state
+    run_ours(twin, PAPER_GROUPS, steps[:3], "torch", lr=0.3)
+    resumed = SGD_AGC([{"params": [twin[i] for i in idx], **o} for idx, o in PAPER_GROUPS], lr=1.0)
+    resumed.load_state_dict(state)
+    assert resumed.param_groups[2]["clipping"] is False and resumed.param_groups[0]["lr"] == 0.3
+    with nfk.use_backend(backend):
+        for grads in steps[3:]:
+            for p, q, g in zip(params, twin, grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            resumed.step()
+    for p, q in zip(params, twin):
+        assert_close(q, p, 1e-12)
+    # torch.optim.SGD reads our momentum buffers, and we read its state dict
+    sgd = torch.optim.SGD([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.3, momentum=0.9,
+                          nesterov=True)
+    flat = SGD_AGC(params, lr=0.3)
+    flat_state = flat.state_dict()
+    sgd.load_state_dict({"state": state["state"], "param_groups": [{**sgd.state_dict()["param_groups"][0]}]})
+    flat.load_state_dict(sgd.state_dict())
+    assert flat.param_groups[0]["clipping"] is True and flat.param_groups[0]["clip_factor"] == 0.01
+    assert flat_state["param_groups"][0]["clipping"] is True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_laid_out_unlike_param(backend):
+    """A channels_last parameter with a contiguous gradient, and a strided 1-D parameter."""
+    w = torch.nn.Parameter(torch.randn(4, 3, 2, 2, dtype=torch.float64, device=DEVICE).to(memory_format=torch.channels_last))
+    v = torch.nn.Parameter(torch.randn(12, dtype=torch.float64, device=DEVICE)[::2])
+    gen = torch.Generator().manual_seed(5)
+    steps = [[(torch.randn(4, 3, 2, 2, generator=gen, dtype=torch.float64) * 0.05).to(DEVICE).contiguous(),
+              (torch.randn(6, generator=gen, dtype=torch.float64) * 0.05).to(DEVICE)] for _ in range(3)]
+    ref = reference_run([w, v], [([0, 1], {})], steps, lr=0.5, momentum=0.9, nesterov=True)
+    run_ours([w, v], [([0, 1], {})], steps, backend, lr=0.5)
+    assert_close(w, ref[0], 1e-6)
+    assert_close(v, ref[1], 1e-6)
+
+
+def test_nfnet_param_groups():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 4, 3)
+            self.conv.gain = torch.nn.Parameter(torch.ones(4, 1, 1, 1))
+            self.skipinit_gain = torch.nn.Parameter(torch.zeros(()))
+
+    model = torch.nn.Module()
+    model.block = Block()
+    model.head = torch.nn.Module()
+    model.head.fc = torch.nn.Linear(4, 3)
+    groups = nfnet_param_groups(model, weight_decay=2e-5)
+    by_key = {(g["weight_decay"] != 0, g["clipping"]): g["params"] for g in groups}
+    assert by_key[(True, True)] == [model.block.conv.weight]
+    assert by_key[(False, True)] == [model.block.conv.bias, model.block.conv.gain, model.block.skipinit_gain]
+    assert by_key[(True, False)] == [model.head.fc.weight] and by_key[(False, False)] == [model.head.fc.bias]
+    SGD_AGC(groups, lr=0.1)  # the groups are valid options
+
+
+def test_bad_options():
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    with pytest.raises(ValueError, match="lr"):
+        SGD_AGC([p], lr=-0.1)
+    with pytest.raises(ValueError, match="nesterov"):
+        SGD_AGC([p], lr=0.1, momentum=0.0)
+    with pytest.raises(ValueError, match="clip_factor"):
+        SGD_AGC([p], lr=0.1, clip_factor=-1.0)
+    with pytest.raises(TypeError, match="clipping"):
+        SGD_AGC([p], lr=0.1, clipping="no")
+    with pytest.raises(ValueError, match=r"weight_decay \(param_groups\[1\]\)"):
+        SGD_AGC([{"params": [p]}, {"params": [torch.nn.Parameter(torch.randn(2))], "weight_decay": -1.0}], lr=0.1)
+    opt = SGD_AGC([p], lr=0.1)
+    p.grad = torch.randn(3, 2).to_sparse()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\]\.grad"):
+        opt.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_params_on_gpu(backend, dtype):
+    if backend not in BACKENDS:
+        pytest.skip("nfkernels._C not built")
+    params = make_params(dtype)
+    gen = torch.Generator().manual_seed(6)
+    steps = [random_grads(params, gen) for _ in range(3)]
+    ref = reference_run(params, [(list(range(8)), {})], steps, lr=0.1, momentum=0.9, nesterov=True)
+    run_ours(params, [(list(range(8)), {})], steps, backend, lr=0.1)
+    for p, r in zip(params, ref):
+        assert_close(p, r, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture(backend):
+    if backend not in BACKENDS:
+        pytest.skip("nfkernels._C not built")
+    params = make_params(torch.float32)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    gen = torch.Generator().manual_seed(7)
+    steps = [random_grads(params, gen) for _ in range(4)]
+    static = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, static):
+        p.grad = g
+    opt = SGD_AGC(params, lr=0.1)
+    with nfk.use_backend(backend):
+        for g, s in zip(static, steps[0]):
+            g.copy_(s)
+        opt.step()  # eager first step: momentum buffers and row tables exist before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+    for grads in steps[1:]:
+        for g, s in zip(static, grads):
+            g.copy_(s)
+        graph.replay()
+    ref = reference_run(twin, [(list(range(8)), {})], steps, lr=0.1, momentum=0.9, nesterov=True)
+    for p, r in zip(params, ref):
+        assert_close(p, r, 2e-5)
