@@ -1,0 +1,121 @@
+"""NFNet against timm: the tiny dm_nfnet-style reference in ../shared/data/timm_nfnet_tiny.pt
+(timm 1.0.29, float64, randomized parameters) and the paper's parameter counts."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nfkernels as nfk
+from nfkernels.models import NFNet, NFNetConfig, nfnet, paper_regularization
+from nfk_testing import DEVICE, assert_close, backends_for
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "timm_nfnet_tiny.pt"
+BACKENDS = backends_for(("torch", "triton"))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    if not REFERENCE.exists():
+        pytest.fail(f"reference data missing: {REFERENCE} (the shared/ folder beside the checkout)")
+    return torch.load(REFERENCE, weights_only=True)
+
+
+def tiny_model(reference, dtype=torch.float64) -> NFNet:
+    c = reference["cfg"]
+    assert (c["stem_type"], c["act_layer"], c["attn_layer"]) == ("deep_quad", "gelu", "se")
+    assert c["gamma_in_act"] and c["same_padding"] and c["skipinit"] and c["extra_conv"]
+    cfg = NFNetConfig(depths=tuple(c["depths"]), channels=tuple(c["channels"]), stem_chs=c["stem_chs"],
+                      group_size=c["group_size"], bottle_ratio=c["bottle_ratio"], num_features=c["num_features"],
+                      alpha=c["alpha"], se_rd_ratio=c["attn_kwargs"]["rd_ratio"], std_conv_eps=c["std_conv_eps"])
+    model = NFNet(cfg, num_classes=reference["num_classes"]).to(DEVICE, dtype)
+    model.load_state_dict(reference["state_dict"], strict=True)
+    return model
+
+
+def run_case(model, case, dtype):
+    model.zero_grad(set_to_none=True)
+    logits = model(case["x"].to(DEVICE, dtype))
+    loss = F.cross_entropy(logits, case["labels"].to(DEVICE))
+    loss.backward()
+    return logits, loss, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_state_dict_matches_timm_names_and_shapes(reference):
+    model = tiny_model(reference)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in reference["state_dict"].items()}
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("case_index", [0, 1], ids=["4x3x64x64", "2x3x57x61_same_padding"])
+def test_float64_torch_backend_matches_timm(reference, case_index):
+    model = tiny_model(reference).train()
+    case = reference["cases"][case_index]
+    with nfk.use_backend("torch"):
+        logits, loss, grads = run_case(model, case, torch.float64)
+    assert_close(logits, case["logits"], 1e-9, "logits")
+    assert abs(loss.item() - case["loss"].item()) <= 1e-9 * abs(case["loss"].item())
+    assert grads.keys() == case["grads"].keys()
+    for name, ref in case["grads"].items():
+        assert_close(grads[name], ref, 1e-9, name)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("case_index", [0, 1], ids=["4x3x64x64", "2x3x57x61_same_padding"])
+def test_float32_triton_backend_matches_timm(reference, case_index):
+    model = tiny_model(reference, torch.float32).train()
+    case = reference["cases"][case_index]
+    with nfk.use_backend("triton"):
+        logits, loss, grads = run_case(model, case, torch.float32)
+    assert_close(logits, case["logits"], 1e-4, "logits")
+    assert abs(loss.item() - case["loss"].item()) <= 1e-4 * abs(case["loss"].item())
+    for name, ref in case["grads"].items():
+        assert_close(grads[name], ref, 1e-3, name)
+
+
+# Paper Table 1 / timm dm_nfnet_fX (nfnet_f7) parameter counts, in millions.
+PAPER_DEPTHS = {"f0": (1, 2, 6, 3), "f1": (2, 4, 12, 6), "f2": (3, 6, 18, 9), "f3": (4, 8, 24, 12),
+                "f4": (5, 10, 30, 15), "f5": (6, 12, 36, 18), "f6": (7, 14, 42, 21), "f7": (8, 16, 48, 24)}
+PAPER_PARAMS_M = {"f0": 71.5, "f1": 132.6, "f2": 193.8, "f3": 254.9, "f4": 316.1, "f5": 377.2, "f6": 438.4,
+                  "f7": 499.5}
+
+
+@pytest.mark.parametrize("variant", list(PAPER_PARAMS_M))
+def test_every_variant_builds_with_the_paper_parameter_count(variant):
+    with torch.device("meta"):
+        model = getattr(nfk.models, f"nfnet_{variant}")()
+    count = sum(p.numel() for p in model.parameters())
+    assert round(count / 1e6, 1) == PAPER_PARAMS_M[variant]
+    assert len(model.stages) == 4 and tuple(len(s) for s in model.stages) == PAPER_DEPTHS[variant]
+    assert model.head.fc.out_features == 1000 and model.num_features == 3072
+
+
+def test_variant_options_and_errors():
+    with torch.device("meta"):
+        model = nfnet("F1", num_classes=10, **paper_regularization("f1"))
+    assert model.head.fc.out_features == 10
+    assert model.cfg.drop_rate == 0.3 and model.cfg.drop_path_rate == 0.1
+    rates = [blk.drop_path_rate for stage in model.stages for blk in stage]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        nfnet("f9")
+    with pytest.raises(ValueError, match="flavor must be one of"):
+        nfnet("f0", flavor="jax")
+
+
+def test_deepmind_flavor_uses_official_numerics(reference):
+    timm_model = tiny_model(reference).eval()
+    cfg = timm_model.cfg
+    dm = NFNet(cfg, num_classes=reference["num_classes"], flavor="deepmind").to(DEVICE, torch.float64).eval()
+    dm.load_state_dict(reference["state_dict"], strict=True)
+    assert dm.act == "gelu_tanh"
+    conv = dm.stages[0][0].conv1
+    assert (conv.eps_mode, conv.eps) == ("deepmind", 1e-4)
+    assert dm.stages[0][0].drop_path_scale_by_keep is False
+    x = reference["cases"][0]["x"].to(DEVICE)
+    with torch.no_grad(), nfk.use_backend("torch"):
+        a, b = timm_model(x), dm(x)
+    # Same weights, different numerics: close but not equal (tanh GELU, eps placement).
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 1e-6 < rel < 0.2
