@@ -1,0 +1,179 @@
+"""AGC and SGD+AGC on NFNet-F0's parameter shapes: nfkernels.agc_ / SGD_AGC against timm's
+per-parameter loop (timm/utils/agc.py, written out below since timm is not importable here) and
+torch.optim.SGD, fused where available (DESIGN.md §7).
+
+    python -m bench.bench_agc            # full F0 shapes on a GPU; --quick on a CPU
+    python -m bench.bench_agc --quick    # channels / 4 (~1/16 of the parameters), few reps
+
+Bytes moved, the floor for these memory-bound ops: agc_ reads W and G and writes G (counted
+in full: every unit may be clipped); an SGD step reads p, g, buf and writes p, buf.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+import nfkernels as nfk
+from bench.common import bench_device, copy_bandwidth_gbs, device_name, environment, time_ms, write_results
+from nfkernels import _backend
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+def nfnet_f0_shapes(width_div: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of timm's dm_nfnet_f0 (depths (1,2,6,3), channels
+    (256,512,1536,1536), deep_quad stem 128, group size 128, bottleneck 0.5, extra conv,
+    SE rd_ratio 0.5, final conv 3072, head fc 3072→1000); channels divided by ``width_div``."""
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def conv(name, cin, cout, k, groups=1):
+        shapes.extend([(f"{name}.weight", (cout, cin // groups, k, k)), (f"{name}.bias", (cout,)),
+                       (f"{name}.gain", (cout, 1, 1, 1))])
+
+    stem = [c // width_div for c in (16, 32, 64, 128)]
+    cin = 3
+    for i, c in enumerate(stem):
+        conv(f"stem.conv{i + 1}", cin, c, 3)
+        cin = c
+    group_size = max(1, 128 // width_div)
+    for s, (depth, cout) in enumerate(zip((1, 2, 6, 3), (256, 512, 1536, 1536))):
+        cout //= width_div
+        for b in range(depth):
+            name = f"stages.{s}.{b}"
+            mid = _make_divisible(cout * 0.5)
+            if b == 0:
+                conv(f"{name}.downsample.conv", cin, cout, 1)
+            conv(f"{name}.conv1", cin, mid, 1)
+            conv(f"{name}.conv2", mid, mid, 3, groups=mid // group_size)
+            conv(f"{name}.conv2b", mid, mid, 3, groups=mid // group_size)
+            conv(f"{name}.conv3", mid, cout, 1)
+            rd = _make_divisible(cout * 0.5)
+            shapes += [(f"{name}.attn_last.fc1.weight", (rd, cout, 1, 1)), (f"{name}.attn_last.fc1.bias", (rd,)),
+                       (f"{name}.attn_last.fc2.weight", (cout, rd, 1, 1)), (f"{name}.attn_last.fc2.bias", (cout,)),
+                       (f"{name}.skipinit_gain", ())]
+            cin = cout
+    conv("final_conv", cin, 3072 // width_div, 1)
+    shapes += [("head.fc.weight", (1000, 3072 // width_div)), ("head.fc.bias", (1000,))]
+    return shapes
+
+
+def timm_unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim <= 1:
+        return x.norm(2.0)
+    return x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3):
+    """timm.utils.agc.adaptive_clip_grad, verbatim in substance."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        p_data, g_data = p.detach(), p.grad.detach()
+        max_norm = timm_unitwise_norm(p_data).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = timm_unitwise_norm(g_data)
+        clipped_grad = g_data * (max_norm / grad_norm.clamp(min=1e-6))
+        new_grads = torch.where(grad_norm < max_norm, g_data, clipped_grad)
+        p.grad.detach().copy_(new_grads)
+
+
+def make_params(shapes, device, dtype):
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for _, shape in shapes:
+        fan_in = max(1, int(torch.tensor(shape[1:]).prod().item()) if len(shape) > 1 else 1)
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, device=device, dtype=dtype) / fan_in ** 0.5)
+        p.grad = torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.01 / fan_in ** 0.5
+        params.append(p)
+    return params
+
+
+def fused_sgd_available(device: torch.device) -> bool:
+    try:
+        p = torch.nn.Parameter(torch.zeros(2, device=device))
+        p.grad = torch.zeros(2, device=device)
+        torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True, fused=True).step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="channels / 4 and few reps (default on CPU)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    device = bench_device()
+    quick = args.quick or device.type == "cpu"
+    dtype = getattr(torch, args.dtype)
+    shapes = nfnet_f0_shapes(width_div=4 if quick else 1)
+    clip_shapes = [s for s in shapes if not s[0].startswith("head.fc")]
+    n_params = sum(int(torch.Size(s).numel()) for _, s in shapes)
+    if device.type == "cpu":
+        print("bench_agc: no CUDA device, CPU fallback: nfkernels runs its torch reference path "
+              f"(--quick shapes: F0 channels / 4, {n_params / 1e6:.2f}M parameters)")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    copy_gbs = copy_bandwidth_gbs(device)
+    reps = dict(cpu_reps=5) if device.type == "cpu" else {}
+    params = make_params(clip_shapes, device, dtype)
+    grads0 = [p.grad.clone() for p in params]
+    n_clip = sum(p.numel() for p in params)
+
+    def restore():
+        for p, g in zip(params, grads0):
+            p.grad.copy_(g)
+
+    rows = []
+
+    def record(op, impl, fn, nbytes):
+        t = time_ms(fn, device, **reps)
+        gbs = nbytes / (t["ms"] * 1e-3) / 1e9
+        rows.append({"op": op, "impl": impl, **t, "GB/s": gbs, "frac_copy_bw": gbs / copy_gbs})
+        print(f"{op:8s} {impl:34s} {t['ms']:9.3f} ms  (p20 {t['ms_p20']:.3f}, p80 {t['ms_p80']:.3f})  "
+              f"{gbs:8.1f} GB/s  {gbs / copy_gbs:5.1%} of copy")
+
+    agc_bytes = 3 * n_clip * itemsize
+    record("agc", "timm loop (eager)", lambda: (restore(), timm_adaptive_clip_grad(params)), agc_bytes)
+    nfk_backends = ["torch"] if device.type == "cpu" else ["triton"] + (["cuda"] if _backend.cuda_extension() else [])
+    for backend in nfk_backends:
+        def run_agc(backend=backend):
+            restore()
+            with nfk.use_backend(backend):
+                nfk.agc_(params)
+        label = f"nfkernels.agc_ [{backend}{', CPU fallback' if device.type == 'cpu' else ''}]"
+        record("agc", label, run_agc, agc_bytes)
+
+    sgd_bytes = 5 * n_clip * itemsize
+    ref_params = make_params(clip_shapes, device, dtype)
+    ref_opt = torch.optim.SGD(ref_params, lr=1e-3, momentum=0.9, nesterov=True)
+    record("sgd_step", "timm loop + torch.optim.SGD", lambda: (timm_adaptive_clip_grad(ref_params), ref_opt.step()),
+           sgd_bytes)
+    if fused_sgd_available(device):
+        fused_opt = torch.optim.SGD(ref_params, lr=1e-3, momentum=0.9, nesterov=True, fused=True)
+        record("sgd_step", "torch.optim.SGD(fused=True), no AGC", fused_opt.step, sgd_bytes)
+    for backend in nfk_backends:
+        ours = nfk.optim.SGD_AGC(make_params(clip_shapes, device, dtype), lr=1e-3)
+
+        def run_step(opt=ours, backend=backend):
+            with nfk.use_backend(backend):
+                opt.step()
+        record("sgd_step", f"nfkernels SGD_AGC [{backend}]", run_step, sgd_bytes)
+
+    meta = {**environment(device), "dtype": args.dtype, "shapes": "F0 / 4 (quick)" if quick else "F0",
+            "clipped_params_M": round(n_clip / 1e6, 3), "copy_GB/s": round(copy_gbs, 1),
+            "note": "agc rows include restoring the gradients (one copy of G) in every call"}
+    path = write_results("agc" + ("_quick" if quick else ""), rows, ["op", "impl", "ms", "ms_p20", "ms_p80", "GB/s",
+                                                                     "frac_copy_bw"], meta, device)
+    print(f"bench_agc on {device_name(device)}: results in {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
