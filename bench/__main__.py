@@ -28,11 +28,7 @@ def main(argv=None) -> int:
               "on CPU, so these numbers compare PyTorch compositions, not the fused GPU kernels).\n")
     names = args.only or BENCHMARKS
     for i, name in enumerate(names, 1):
-        try:
-            module = importlib.import_module(f"bench.bench_{name}")
-        except ModuleNotFoundError as err:
-            print(f"[{i}/{len(names)}] {name}: skipped ({err})")
-            continue
+        module = importlib.import_module(f"bench.bench_{name}")
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
         start = time.perf_counter()
         module.main(["--quick"] if (args.quick or not on_gpu) else [])

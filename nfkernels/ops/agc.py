@@ -94,8 +94,8 @@ def acc_dtype_for(dtype: torch.dtype) -> torch.dtype:
 class RowTable:
     """Device-side table of unit rows for one group of same-dtype tensors on one device.
 
-    ``table`` has ``columns`` int64 offsets per row (one per tensor list, in elements from that
-    list's first tensor) followed by the row length; ``max_len`` sizes the kernel's block.
+    Each row of ``table`` holds one int64 offset per operand (in elements from that operand's
+    first tensor) followed by the row length; ``max_len`` sizes the kernel's block.
     """
 
     table: torch.Tensor

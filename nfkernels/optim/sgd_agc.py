@@ -68,6 +68,7 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
         hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
                      nesterov=group["nesterov"], clip_factor=group["clip_factor"], eps=group["eps"])
         sharded = ShardedWholeUnits()
+        unfused = []
         buckets: dict[tuple, tuple[list, list, list]] = {}
         for j, p in enumerate(group["params"]):
             if p.grad is None:
@@ -93,7 +94,7 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
             backend = _backend.resolve(OP, w.device, supported=AGC_BACKENDS)
             p_rows = _agc.unit_rows(w)
             if backend == "torch" or p_rows is None:
-                _ops.sgd_agc_torch(w, g, buf_local, clip=clip, first_step=first_step, **hyper)
+                unfused.append((w, g, buf_local, clip, first_step))
                 continue
             if g.stride() != w.stride():  # element k of each row must be the same element of p and g
                 g = torch.empty_like(w).copy_(g)
@@ -103,8 +104,10 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
             ps.append(p_rows)
             gs.append(_agc.unit_rows(g))
             bs.append(b_rows)
-        if sharded.items:
+        if sharded.items:  # before any update: these units' norms need the other ranks' shards
             sharded.clip_(group["clip_factor"], group["eps"])
+        for w, g, buf, clip, first_step in unfused:
+            _ops.sgd_agc_torch(w, g, buf, clip=clip, first_step=first_step, **hyper)
         for (backend, clip, first_step, *_), (ps, gs, bs) in buckets.items():
             _ops.sgd_agc_fused(backend, ps, gs, bs, clip=clip, first_step=first_step, **hyper)
 
