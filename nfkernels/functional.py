@@ -5,6 +5,7 @@ import torch
 
 from nfkernels import _backend
 from nfkernels._checks import (
+    FLOAT_DTYPES,
     check_choice,
     check_float,
     check_numel,
@@ -18,6 +19,39 @@ from nfkernels.ops import scaled_act as _sa
 from nfkernels.ops import se_gate as _se
 
 EPS_MODES = ("timm", "deepmind")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_while_tracing(op: str, device: torch.device) -> str:
+    return _backend.resolve(op, device)
+
+
+def _resolve(op: str, device: torch.device) -> str:
+    """``_backend.resolve``, callable inside torch.compile(fullgraph=True): dynamo cannot trace the
+    ContextVar behind ``use_backend``, so while compiling the choice is evaluated once at trace
+    time and baked into the graph as a constant (errors for unavailable backends still raise).
+    A compiled function therefore keeps the backend it was traced with; ``torch.compiler.reset()``
+    after changing backends retraces it."""
+    if torch.compiler.is_compiling():
+        return _resolve_while_tracing(op, device)
+    return _backend.resolve(op, device)
+
+
+def _check_param_dtypes(op: str, act_name: str, act: torch.Tensor, **params: torch.Tensor | None) -> None:
+    """Per-channel parameters have the activation's dtype, or are float32 next to float16/bfloat16
+    activations: the autocast case, where convs return low-precision activations but parameters
+    stay float32. The ops compute in fp32 either way (they upcast every operand), so no parameter
+    is rounded to the activation dtype, and each gradient comes back in its parameter's dtype."""
+    for name, t in params.items():
+        if t is None or t.dtype == act.dtype:
+            continue
+        if t.dtype == torch.float32 and act.dtype in LOW_PRECISION:
+            continue
+        raise TypeError(
+            f"{op}: {name} has dtype {t.dtype} but {act_name} has {act.dtype}; they must match "
+            f"(or {name} be float32 with float16/bfloat16 {act_name}, as under autocast)"
+        )
 
 
 def weight_standardize(
@@ -27,6 +61,7 @@ def weight_standardize(
     gamma: float = 1.0,
     eps: float = 1e-5,
     eps_mode: str = "timm",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Scaled Weight Standardization of a conv or linear weight, one unit per output row.
 
@@ -39,8 +74,10 @@ def weight_standardize(
 
     "timm" matches timm's ScaledStdConv2d (NFNets use eps=1e-5) and is needed for timm weights;
     "deepmind" matches the official JAX code (which uses eps=1e-4). Statistics are computed in
-    fp32 (fp64 for fp64 weights); the result has weight's dtype, shape and memory layout.
-    Differentiable with respect to weight and gain.
+    fp32 (fp64 for fp64 weights); the result has weight's shape and memory layout and dtype
+    ``out_dtype`` (None: weight's dtype). Under autocast, pass the autocast dtype so that Ŵ is
+    written once in the compute dtype from fp32 statistics (WSConv2d does). Differentiable with
+    respect to weight and gain; their gradients come back in their own dtypes.
     """
     op = "weight_standardize"
     check_tensor(op, "weight", weight, min_ndim=2)
@@ -51,12 +88,14 @@ def weight_standardize(
     gamma = check_float(op, "gamma", gamma)
     eps = check_float(op, "eps", eps, positive=True)
     deepmind = check_choice(op, "eps_mode", eps_mode, EPS_MODES) == "deepmind"
-    backend = _backend.resolve(op, weight.device)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be None or one of {FLOAT_DTYPES}; got {out_dtype!r}")
+    backend = _resolve(op, weight.device)
     if weight.numel() == 0:
-        return weight.clone()
+        return weight.to(out_dtype or weight.dtype, copy=True)
     if backend == "torch":
-        return _ws.weight_standardize_torch(weight, gain, gamma, eps, deepmind)
-    return _ws.weight_standardize_triton(weight, gain, gamma, eps, deepmind)
+        return _ws.weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype)
+    return _ws.weight_standardize_triton(weight, gain, gamma, eps, deepmind, out_dtype)
 
 
 # ----------------------------------------------------------------------------- squeeze-excite gate
@@ -108,7 +147,9 @@ def se_gate_residual(
     fc2_bias C elements (each optional). Without fc1_weight there is no SE and
     out = shortcut + shortcut_bias + alpha · k · m_n · hb (no attn_gain, no sigmoid). The pooling
     and the gate accumulate in fp32 (fp64 for fp64); the result has h's dtype and memory format
-    (NCHW or channels_last). Differentiable with respect to every tensor argument but mask.
+    (NCHW or channels_last). h and shortcut share a dtype; the parameters have it too, or are
+    float32 next to float16/bfloat16 h (autocast), and get gradients in their own dtypes.
+    Differentiable with respect to every tensor argument but mask.
     """
     op = "se_gate_residual"
     check_tensor(op, "h", h, ndim=4)
@@ -139,13 +180,14 @@ def se_gate_residual(
     check_numel(op, "skip_gain", skip_gain, 1, "a scalar gain")
     check_optional_tensor(op, "mask", mask)
     check_numel(op, "mask", mask, n, "one multiplier per sample, h.shape[0]")
-    tensors = dict(h=h, shortcut=shortcut, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
-                   fc2_bias=fc2_bias, bias=bias, shortcut_bias=shortcut_bias, skip_gain=skip_gain)
-    check_same_device(op, **tensors, mask=mask)
-    check_same_dtype(op, **tensors)
+    params = dict(fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias, bias=bias,
+                  shortcut_bias=shortcut_bias, skip_gain=skip_gain)
+    check_same_device(op, h=h, shortcut=shortcut, **params, mask=mask)
+    check_same_dtype(op, h=h, shortcut=shortcut)
+    _check_param_dtypes(op, "h", h, **params)
     alpha = check_float(op, "alpha", alpha)
     attn_gain = check_float(op, "attn_gain", attn_gain)
-    backend = _backend.resolve(op, h.device)
+    backend = _resolve(op, h.device)
     args = (h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias, skip_gain, mask,
             alpha, attn_gain)
     if backend == "torch" or h.numel() == 0:
@@ -170,7 +212,8 @@ def scaled_act(
     is exact erf GELU as in timm, "gelu_tanh" the tanh approximation as in DeepMind's JAX code).
     ``gamma=None`` takes f's NF gain from that table; an NF block passes scale = β. Computes in
     fp32 for fp16/bf16 inputs (fp64 for fp64); the result has x's dtype, shape and memory format
-    (NCHW and channels_last run without copies). Differentiable with respect to x and bias:
+    (NCHW and channels_last run without copies). bias has x's dtype, or is float32 next to
+    float16/bfloat16 x (autocast). Differentiable with respect to x and bias:
     dx = dy · gamma · scale · f'(x + b_c), dbias_c = Σ over all dims but 1 of dx.
     """
     op = "scaled_act"
@@ -178,11 +221,11 @@ def scaled_act(
     check_optional_tensor(op, "bias", bias)
     check_numel(op, "bias", bias, x.shape[1], "one per channel, x.shape[1]")
     check_same_device(op, x=x, bias=bias)
-    check_same_dtype(op, x=x, bias=bias)
+    _check_param_dtypes(op, "x", x, bias=bias)
     act = check_choice(op, "act", act, _sa.ACTIVATIONS)
     gamma = _sa.NF_GAMMA[act] if gamma is None else check_float(op, "gamma", gamma)
     scale = check_float(op, "scale", scale)
-    backend = _backend.resolve(op, x.device)
+    backend = _resolve(op, x.device)
     if backend == "torch" or x.numel() == 0:
         return _sa.scaled_act_torch(x, bias, act, gamma, scale)
     return _sa.scaled_act_triton(x, bias, act, gamma, scale)

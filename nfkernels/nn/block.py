@@ -19,6 +19,14 @@ class DownsampleAvg(nn.Module):
         self.pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
         self.conv = WSConv2d(in_chs, out_chs, 1, stride=1, **conv_kw)
 
+    @classmethod
+    def from_parts(cls, pool: nn.Module, conv: WSConv2d) -> "DownsampleAvg":
+        """A DownsampleAvg around existing modules (e.g. those of a converted timm block)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.pool, module.conv = pool, conv
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.pool(x))
 
@@ -74,6 +82,29 @@ class NFBlock(nn.Module):
         self.attn_last = SqueezeExcite(out_chs, **(attn_kwargs or {})) if attn_layer == "se" else None
         self.skipinit_gain = nn.Parameter(torch.tensor(0.0)) if skipinit else None
 
+    @classmethod
+    def from_parts(cls, *, conv1: WSConv2d, conv2: WSConv2d, conv2b: WSConv2d | None, conv3: WSConv2d,
+                   downsample: DownsampleAvg | None, attn_last: SqueezeExcite | None,
+                   skipinit_gain: nn.Parameter | None, alpha: float, beta: float, attn_gain: float, act: str,
+                   gamma: float, drop_path_rate: float = 0.0, drop_path_scale_by_keep: bool = True) -> "NFBlock":
+        """An NFBlock around existing modules and parameters (no new parameters are created): the
+        attributes of a timm NormFreeBlock with ``reg=False``, as ``nfkernels.convert`` builds it.
+        Computes what ``forward`` documents with these pieces."""
+        if act not in NF_GAMMA:
+            raise ValueError(f"NFBlock: act must be one of {tuple(NF_GAMMA)}; got {act!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"NFBlock: drop_path_rate must be in [0, 1); got {drop_path_rate}")
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.alpha, block.beta, block.attn_gain = float(alpha), float(beta), float(attn_gain)
+        block.act, block.gamma = act, float(gamma)
+        block.drop_path_rate, block.drop_path_scale_by_keep = float(drop_path_rate), bool(drop_path_scale_by_keep)
+        block.downsample = downsample
+        block.conv1, block.conv2, block.conv2b, block.conv3 = conv1, conv2, conv2b, conv3
+        block.attn_last = attn_last
+        block.skipinit_gain = skipinit_gain
+        return block
+
     def _act(self, x: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
         return scaled_act(x, bias, act=self.act, gamma=self.gamma, scale=scale)
 
@@ -81,7 +112,9 @@ class NFBlock(nn.Module):
         if not self.training or self.drop_path_rate == 0.0:
             return None
         keep = 1.0 - self.drop_path_rate
-        mask = x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep)
+        # fp64 for fp64 activations (1/keep exact to double precision), else fp32 (never bf16/fp16).
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mask = x.new_empty(x.shape[0], dtype=dtype).bernoulli_(keep)
         return mask / keep if self.drop_path_scale_by_keep else mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -70,22 +70,34 @@ class WSConv2d(nn.Conv2d):
         self.same_pad = dynamic_same
         self._cached_weight: tuple[tuple, torch.Tensor] | None = None
 
-    def _cache_key(self) -> tuple:
+    def _cache_key(self, out_dtype: torch.dtype | None) -> tuple:
         w, g = self.weight, self.gain
-        return (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device, w.stride())
+        return (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device, w.stride(), out_dtype)
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """The dtype autocast would cast this conv's float32 weight to, or None outside autocast."""
+        device_type = self.weight.device.type
+        if self.weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
 
     def standardized_weight(self) -> torch.Tensor:
-        """Ŵ for the current weight and gain (cached while no gradient is needed)."""
+        """Ŵ for the current weight and gain (cached while no gradient is needed).
+
+        Under autocast Ŵ is written directly in the autocast dtype from fp32 statistics, so the conv
+        does not cast it again (one write of Ŵ instead of a write and a cast); its gradient reaches
+        weight and gain in their own dtype."""
+        out_dtype = self._autocast_dtype()
         needs_grad = torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad)
         if needs_grad:
             self._cached_weight = None
             return weight_standardize(self.weight, self.gain, gamma=self.gamma, eps=self.eps,
-                                      eps_mode=self.eps_mode)
-        key = self._cache_key()
+                                      eps_mode=self.eps_mode, out_dtype=out_dtype)
+        key = self._cache_key(out_dtype)
         if self._cached_weight is None or self._cached_weight[0] != key:
             with torch.no_grad():
                 w = weight_standardize(self.weight, self.gain, gamma=self.gamma, eps=self.eps,
-                                       eps_mode=self.eps_mode)
+                                       eps_mode=self.eps_mode, out_dtype=out_dtype)
             self._cached_weight = (key, w)
         return self._cached_weight[1]
 

@@ -42,12 +42,14 @@ float64 math to ~1e-7 relative there (the interpreter keeps it fp64).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from nfkernels.ops._library import define_op, kernels_are_compiled, launch
 from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2
 
 # NF gains γ (DeepMind nfnets/base.py; timm _nonlin_gamma). gelu_tanh is DeepMind's own gelu.
@@ -307,30 +309,35 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def scaled_act_triton_fwd(x, bias, act, coeff):
-    """Launch the forward kernel. Returns (y laid out like the dense ``x``, that dense ``x``)."""
+def _scaled_act_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float) -> torch.Tensor:
+    """Launch the forward kernel: y = coeff·f(x + b_c), laid out like x (or, when x is neither
+    NCHW- nor channels-last-dense, like its contiguous copy)."""
     x, x_rows, channel_on_rows = _dense(x)
     y = new_empty_like(x)  # same strides as the dense x, so its (R, K) view lines up
     y_rows = _matrix_view(y)[0]
     n_rows, n_cols = x_rows.shape
     block_r, block_k, num_warps = _tiles(n_rows, n_cols)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k))
-    _scaled_act_fwd_kernel[grid](
+    launch(
+        _scaled_act_fwd_kernel, grid,
         x_rows, bias.reshape(-1) if bias is not None else x_rows, y_rows,
         n_rows, n_cols, x.shape[1], coeff,
         ACT=act, HAS_BIAS=bias is not None, CHANNEL_ON_ROWS=channel_on_rows,
         ACC_FP64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
     )
-    return y, x
+    return y
 
 
-def scaled_act_triton_bwd(dy, x, bias, act, coeff, need_bias_grad):
-    """Launch the backward kernel. Returns (dx laid out like the dense ``x``, dbias or None)."""
+def _scaled_act_bwd(
+    dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float, need_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel. Returns (dx laid out like the dense ``x``, dbias in bias's
+    shape and dtype, or an empty tensor when not asked for: an op cannot return None)."""
     x, x_rows, channel_on_rows = _dense(x)
     # dy must map (r, k) to the same element as x: same view shape and channel placement.
     dy_view = _matrix_view(dy)
     if dy_view is None or dy_view[1] != channel_on_rows or dy_view[0].shape != x_rows.shape:
-        dy = torch.empty_like(x).copy_(dy)
+        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
         dy_view = _matrix_view(dy)
     dx = new_empty_like(x)
     dx_rows = _matrix_view(dx)[0]
@@ -346,7 +353,8 @@ def scaled_act_triton_bwd(dy, x, bias, act, coeff, need_bias_grad):
     if bias_grad:
         shape = (n_rows, col_blocks) if channel_on_rows else (row_groups, n_cols)
         partial = new_empty(shape, device=x.device, dtype=_acc_dtype(x.dtype))
-    _scaled_act_bwd_kernel[(row_groups, col_blocks)](
+    launch(
+        _scaled_act_bwd_kernel, (row_groups, col_blocks),
         dy_view[0], x_rows, bias.reshape(-1) if bias is not None else x_rows, dx_rows,
         partial if bias_grad else dx_rows,
         n_rows, n_cols, n_channels, coeff, row_tiles,
@@ -354,7 +362,7 @@ def scaled_act_triton_bwd(dy, x, bias, act, coeff, need_bias_grad):
         ACC_FP64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
     )
     if not bias_grad:
-        return dx, None
+        return dx, dx.new_empty(0)
     if channel_on_rows:  # rows are (n, c) planes in n-major order
         dbias = partial.sum(dim=1).view(-1, n_channels).sum(dim=0)
     else:
@@ -362,28 +370,32 @@ def scaled_act_triton_bwd(dy, x, bias, act, coeff, need_bias_grad):
     return dx, dbias.to(bias.dtype).view(bias.shape)
 
 
-class ScaledActFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, act, coeff):
-        y, dense_x = scaled_act_triton_fwd(x, bias, act, coeff)
-        ctx.save_for_backward(dense_x, bias)
-        ctx.act, ctx.coeff = act, coeff
-        return y
+_COMPILED = kernels_are_compiled(_scaled_act_fwd_kernel)
+scaled_act_fwd = define_op("scaled_act_fwd", _scaled_act_fwd, compiled=_COMPILED)
+scaled_act_bwd = define_op("scaled_act_bwd", _scaled_act_bwd, compiled=_COMPILED)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        dx, dbias = scaled_act_triton_bwd(dy, x, bias, ctx.act, ctx.coeff, ctx.needs_input_grad[1])
-        return dx, dbias, None, None
+
+def _setup_context(ctx, inputs, output):
+    x, bias, act, coeff = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.act, ctx.coeff = act, coeff
+
+
+def _backward(ctx, dy):
+    """dx = dy·coeff·f'(x + b_c), dbias_c = Σ over all dims but 1 of dx (module docstring)."""
+    x, bias = ctx.saved_tensors
+    need_bias_grad = bias is not None and ctx.needs_input_grad[1]
+    dx, dbias = scaled_act_bwd(dy, x, bias, ctx.act, ctx.coeff, need_bias_grad)
+    return dx, (dbias if need_bias_grad else None), None, None
+
+
+scaled_act_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def scaled_act_triton(x, bias, act, gamma, scale):
-    """The Triton path: y = gamma·scale·f(x + b_c), differentiable in x and bias."""
-    coeff = gamma * scale
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad:
-        return ScaledActFunction.apply(x, bias, act, coeff)
-    return scaled_act_triton_fwd(x, bias, act, coeff)[0]
+    """The Triton path (``torch.ops.nfkernels.scaled_act_fwd``): y = gamma·scale·f(x + b_c),
+    differentiable in x and bias; arguments validated by ``nfkernels.scaled_act``."""
+    return scaled_act_fwd(x, bias, act, gamma * scale)
 
 
 _TORCH_ACTIVATIONS = {

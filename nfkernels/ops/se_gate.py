@@ -26,11 +26,14 @@ h once and writes dh once. dk is taken from u, never by dividing by k (k is 0 at
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from nfkernels.ops._library import define_op, kernels_are_compiled, launch
 from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2
 
 # Elements of one (channels × hw) tile. The reductions loop over HW in such tiles; the streaming
@@ -222,7 +225,8 @@ def se_pool_triton(h, bias):
     pool = new_empty(n, c, device=h.device, dtype=acc)
     stride_n, stride_c, stride_hw = _strides(h)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, REDUCE_TILE)
-    _se_pool_fwd_kernel[(n, triton.cdiv(c, block_c))](
+    launch(
+        _se_pool_fwd_kernel, (n, triton.cdiv(c, block_c)),
         h, bias if bias is not None else h, pool,
         c, hw, stride_n, stride_c, stride_hw,
         HAS_BIAS=bias is not None, ACC_FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_HW=block_hw,
@@ -238,7 +242,8 @@ def se_gate_triton_fwd(h, shortcut, coef, bias, shortcut_bias):
     stride_n, stride_c, stride_hw = _strides(h)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, STREAM_TILE)
     dummy = coef  # never dereferenced when the matching constexpr flag is off
-    _se_gate_fwd_kernel[(triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n)](
+    launch(
+        _se_gate_fwd_kernel, (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n),
         h, shortcut if shortcut is not None else dummy, coef, bias if bias is not None else dummy,
         shortcut_bias if shortcut_bias is not None else dummy, out,
         c, hw, stride_n, stride_c, stride_hw,
@@ -257,7 +262,8 @@ def se_gate_triton_bwd_reduce(dout, h, bias):
     s2 = new_empty(n, c, device=h.device, dtype=acc)
     stride_n, stride_c, stride_hw = _strides(h)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, REDUCE_TILE)
-    _se_gate_bwd_reduce_kernel[(n, triton.cdiv(c, block_c))](
+    launch(
+        _se_gate_bwd_reduce_kernel, (n, triton.cdiv(c, block_c)),
         dout, h, bias if bias is not None else h, s1, s2,
         c, hw, stride_n, stride_c, stride_hw,
         HAS_BIAS=bias is not None, ACC_FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_HW=block_hw,
@@ -272,7 +278,8 @@ def se_gate_triton_bwd(dout, coef, dpool_over_hw):
     dh = new_empty_like(dout)
     stride_n, stride_c, stride_hw = _strides(dout)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, STREAM_TILE)
-    _se_gate_bwd_kernel[(triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n)](
+    launch(
+        _se_gate_bwd_kernel, (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n),
         dout, coef, dpool_over_hw if dpool_over_hw is not None else coef, dh,
         c, hw, stride_n, stride_c, stride_hw,
         HAS_DPOOL=dpool_over_hw is not None, ACC_FP64=coef.dtype == torch.float64,
@@ -313,88 +320,107 @@ def _times_skip(t, skip, acc):
     return t * skip.reshape(()).to(acc) if skip is not None else t
 
 
-def _forward_triton(h, shortcut, w1, b1, w2, b2, bias, shortcut_bias, skip, mask, alpha, attn_gain):
-    """(out, h in native layout, p, r, g); p, r, g are None without SE."""
+def _se_gate_residual_fwd(
+    h: torch.Tensor, shortcut: Optional[torch.Tensor], fc1_weight: Optional[torch.Tensor],
+    fc1_bias: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor], fc2_bias: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], shortcut_bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], alpha: float, attn_gain: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward (module docstring). Returns (out in h's native layout, p, r, g), the last three
+    (N, C), (N, rd), (N, C) in the accumulation dtype for backward; empty (0,) without SE (an op
+    cannot return None)."""
     h = _native_layout(h)
     shortcut = _in_layout_of(shortcut, h) if shortcut is not None else None
     n, c = h.shape[:2]
     acc = _acc_dtype(h.dtype)
     bias = _flat(bias)
-    pool = r = g = None
-    if w1 is not None:
+    if fc1_weight is not None:
         pool = se_pool_triton(h, bias)
         # The gate is computed in acc precision even under autocast, which would recast fc1/fc2.
         with torch.autocast(h.device.type, enabled=False):
-            r = torch.relu(F.linear(pool, _acc_matrix(w1, acc), _acc_vector(b1, acc)))
-            g = torch.sigmoid(F.linear(r, _acc_matrix(w2, acc), _acc_vector(b2, acc)))
-    u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, g)
-    coef = _times_skip(u, skip, acc).contiguous()
+            hidden = torch.relu(F.linear(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc)))
+            gate = torch.sigmoid(F.linear(hidden, _acc_matrix(fc2_weight, acc), _acc_vector(fc2_bias, acc)))
+        u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, gate)
+    else:
+        pool, hidden, gate = (h.new_empty(0, dtype=acc) for _ in range(3))  # distinct: outputs may not alias
+        u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, None)
+    coef = _times_skip(u, skip_gain, acc).contiguous()
     out = se_gate_triton_fwd(h, shortcut, coef, bias, _flat(shortcut_bias))
-    return out, h, pool, r, g
+    return out, pool, hidden, gate
 
 
-class SEGateResidualFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, shortcut, w1, b1, w2, b2, bias, shortcut_bias, skip, mask, alpha, attn_gain):
-        out, h_native, pool, r, g = _forward_triton(
-            h, shortcut, w1, b1, w2, b2, bias, shortcut_bias, skip, mask, alpha, attn_gain)
-        ctx.save_for_backward(h_native, w1, w2, bias, skip, mask, pool, r, g)
-        ctx.alpha, ctx.attn_gain = alpha, attn_gain
-        ctx.param_shapes = tuple(t.shape if t is not None else None for t in (b1, b2, shortcut_bias))
-        return out
+def _se_gate_residual_bwd(
+    dout: torch.Tensor, h: torch.Tensor, fc1_weight: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+    pool: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor, alpha: float, attn_gain: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Backward (module docstring). Returns (dh in h's native layout and dtype, dW1 (rd, C),
+    db1 (rd,), dW2 (C, rd), db2 (C,), dbias (C,), dshortcut_bias (C,), dskip ()), all but dh in
+    the accumulation dtype; the SE terms are empty (0,) without SE. The caller casts and
+    reshapes them to the parameters' dtypes and shapes; dshortcut = dout needs no kernel."""
+    h = _native_layout(h)
+    n, c, hh, ww = h.shape
+    acc = _acc_dtype(h.dtype)
+    dout = _in_layout_of(dout, h)
+    s1, s2 = se_gate_triton_bwd_reduce(dout, h, _flat(bias))
+    sample_scale = _sample_scale(n, mask, alpha, acc, h.device)
+    has_se = fc1_weight is not None
+    u = _unscaled_coef(sample_scale, c, attn_gain, gate if has_se else None)
+    coef = _times_skip(u, skip_gain, acc).contiguous()
+    dw1, db1, dw2, db2 = (s1.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
+    dpool = None
+    if has_se:
+        dz = s2 * _times_skip(sample_scale * attn_gain, skip_gain, acc) * gate * (1.0 - gate)
+        da = (dz @ _acc_matrix(fc2_weight, acc)) * (hidden > 0)
+        dpool = da @ _acc_matrix(fc1_weight, acc)
+        dw1, db1 = da.t() @ pool, da.sum(0)
+        dw2, db2 = dz.t() @ hidden, dz.sum(0)
+    dh = se_gate_triton_bwd(dout, coef, dpool / (hh * ww) if dpool is not None else None)
+    dbias = (coef * s1).sum(0)
+    if dpool is not None:
+        dbias = dbias + dpool.sum(0)
+    return dh, dw1, db1, dw2, db2, dbias, s1.sum(0), (s2 * u).sum()
 
-    @staticmethod
-    def backward(ctx, dout):
-        h, w1, w2, bias, skip, mask, pool, r, g = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grads = [None] * 12
-        if need[1]:
-            grads[1] = dout  # the residual passes the gradient through unchanged
-        if not any(need[i] for i in (0, 2, 3, 4, 5, 6, 7, 8)):
-            return tuple(grads)
-        b1_shape, b2_shape, sb_shape = ctx.param_shapes
-        n, c, hh, ww = h.shape
-        acc = _acc_dtype(h.dtype)
-        dout = _in_layout_of(dout, h)
-        s1, s2 = se_gate_triton_bwd_reduce(dout, h, _flat(bias))
-        sample_scale = _sample_scale(n, mask, ctx.alpha, acc, h.device)
-        u = _unscaled_coef(sample_scale, c, ctx.attn_gain, g)
-        coef = _times_skip(u, skip, acc).contiguous()
-        dpool = None
-        if g is not None:
-            w1m, w2m = _acc_matrix(w1, acc), _acc_matrix(w2, acc)
-            dz = s2 * _times_skip(sample_scale * ctx.attn_gain, skip, acc) * g * (1.0 - g)
-            da = (dz @ w2m) * (r > 0)
-            dpool = da @ w1m
-            if need[2]:
-                grads[2] = (da.t() @ pool).to(w1.dtype).reshape(w1.shape)
-            if need[3]:
-                grads[3] = da.sum(0).to(w1.dtype).reshape(b1_shape)
-            if need[4]:
-                grads[4] = (dz.t() @ r).to(w2.dtype).reshape(w2.shape)
-            if need[5]:
-                grads[5] = dz.sum(0).to(w2.dtype).reshape(b2_shape)
-        if need[0]:
-            grads[0] = se_gate_triton_bwd(dout, coef, dpool / (hh * ww) if dpool is not None else None)
-        if need[6]:
-            dbias = (coef * s1).sum(0)
-            if dpool is not None:
-                dbias = dbias + dpool.sum(0)
-            grads[6] = dbias.to(bias.dtype).reshape(bias.shape)
-        if need[7]:
-            grads[7] = s1.sum(0).to(h.dtype).reshape(sb_shape)
-        if need[8]:
-            grads[8] = (s2 * u).sum().to(skip.dtype).reshape(skip.shape)
-        return tuple(grads)
+
+_COMPILED = kernels_are_compiled(_se_gate_fwd_kernel)
+se_gate_residual_fwd = define_op("se_gate_residual_fwd", _se_gate_residual_fwd, compiled=_COMPILED)
+se_gate_residual_bwd = define_op("se_gate_residual_bwd", _se_gate_residual_bwd, compiled=_COMPILED)
+
+
+def _setup_context(ctx, inputs, output):
+    h, shortcut, w1, b1, w2, b2, bias, shortcut_bias, skip, mask, alpha, attn_gain = inputs
+    _, pool, hidden, gate = output
+    ctx.mark_non_differentiable(pool, hidden, gate)
+    ctx.save_for_backward(h, w1, w2, bias, skip, mask, pool, hidden, gate)
+    ctx.alpha, ctx.attn_gain = alpha, attn_gain
+    # (shape, dtype) of every parameter that gets a gradient, to cast the accumulated ones back.
+    ctx.meta = [(t.shape, t.dtype) if t is not None else None for t in (w1, b1, w2, b2, bias, shortcut_bias, skip)]
+
+
+def _as_param_grad(grad: torch.Tensor, meta) -> torch.Tensor | None:
+    return grad.to(meta[1]).reshape(meta[0]) if meta is not None else None
+
+
+def _backward(ctx, dout, _dpool, _dhidden, _dgate):
+    """Gradients of every input but mask (not differentiated) and the scalars (module docstring)."""
+    h, w1, w2, bias, skip, mask, pool, hidden, gate = ctx.saved_tensors
+    dh, *param_grads = se_gate_residual_bwd(dout, h, w1, w2, bias, skip, mask, pool, hidden, gate,
+                                            ctx.alpha, ctx.attn_gain)
+    dw1, db1, dw2, db2, dbias, dsb, dskip = (_as_param_grad(g, m) for g, m in zip(param_grads, ctx.meta))
+    dshortcut = dout if ctx.needs_input_grad[1] else None  # the residual passes it through unchanged
+    return dh, dshortcut, dw1, db1, dw2, db2, dbias, dsb, dskip, None, None, None
+
+
+se_gate_residual_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def se_gate_residual_triton(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
                             skip_gain, mask, alpha, attn_gain):
-    """The Triton path; arguments as ``nfkernels.se_gate_residual`` (validated there), N > 0."""
-    args = (h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias, skip_gain, mask)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return SEGateResidualFunction.apply(*args, alpha, attn_gain)
-    return _forward_triton(*args, alpha, attn_gain)[0]
+    """The Triton path (``torch.ops.nfkernels.se_gate_residual_fwd``); arguments as
+    ``nfkernels.se_gate_residual`` (validated there), N > 0."""
+    return se_gate_residual_fwd(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
+                                skip_gain, mask, alpha, attn_gain)[0]
 
 
 def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
@@ -413,9 +439,12 @@ def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bi
         coef = coef * skip_gain.to(acc).reshape(())
     if fc1_weight is not None:
         pooled = hb.mean((2, 3), keepdim=True)
-        hidden = torch.relu(F.conv2d(pooled, fc1_weight.to(acc).reshape(*fc1_weight.shape[:2], 1, 1),
-                                     _acc_vector(fc1_bias, acc)))
-        z = F.conv2d(hidden, fc2_weight.to(acc).reshape(*fc2_weight.shape[:2], 1, 1), _acc_vector(fc2_bias, acc))
+        # In acc precision even under autocast (as the kernels), which would recast the 1x1 convs.
+        with torch.autocast(h.device.type, enabled=False):
+            hidden = torch.relu(F.conv2d(pooled, fc1_weight.to(acc).reshape(*fc1_weight.shape[:2], 1, 1),
+                                         _acc_vector(fc1_bias, acc)))
+            z = F.conv2d(hidden, fc2_weight.to(acc).reshape(*fc2_weight.shape[:2], 1, 1),
+                         _acc_vector(fc2_bias, acc))
         coef = coef * attn_gain * torch.sigmoid(z)
     out = hb * coef  # hb first so that the result takes h's memory format
     if shortcut is not None:

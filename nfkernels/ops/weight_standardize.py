@@ -18,11 +18,13 @@ q_i = r_i²/N (timm), r_i² (deepmind, unclamped) or 0 (deepmind, clamped at eps
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from nfkernels.ops._library import define_op, kernels_are_compiled, launch
 from nfkernels.ops._utils import contiguous_dim0_rows, new_empty, new_empty_like, next_power_of_2
 
 # Rows up to this many elements stay in registers (one read of W); longer rows are streamed in
@@ -34,7 +36,7 @@ MAX_BLOCK = 4096
 def _weight_standardize_fwd_kernel(
     w_ptr, gain_ptr, out_ptr, mean_ptr, s0_ptr, q_ptr,
     N, gamma_scaled, eps,
-    HAS_GAIN: tl.constexpr, DEEPMIND: tl.constexpr, SAVE_STATS: tl.constexpr,
+    HAS_GAIN: tl.constexpr, DEEPMIND: tl.constexpr,
     ACC_FP64: tl.constexpr, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     """One program standardizes one row: Ŵ = (W − μ)·g·s0 (module docstring for s0 and q).
@@ -88,10 +90,10 @@ def _weight_standardize_fwd_kernel(
             mask = start + cols < N
             x = tl.load(w_ptr + base + start + cols, mask=mask, other=0.0).to(acc_dtype)
             tl.store(out_ptr + base + start + cols, ((x - mean) * scale).to(out_ptr.dtype.element_ty), mask=mask)
-    if SAVE_STATS:
-        tl.store(mean_ptr + row, mean)
-        tl.store(s0_ptr + row, s0)
-        tl.store(q_ptr + row, q)
+    # Per-row statistics for the backward (three scalars per row: negligible next to Ŵ).
+    tl.store(mean_ptr + row, mean)
+    tl.store(s0_ptr + row, s0)
+    tl.store(q_ptr + row, q)
 
 
 @triton.jit
@@ -153,74 +155,88 @@ def _gamma_scaled(gamma: float, n: int, deepmind: bool) -> float:
     return gamma if deepmind else gamma / math.sqrt(n)
 
 
-def weight_standardize_triton_fwd(weight, gain, gamma, eps, deepmind, save_stats):
-    """Launch the forward kernel. Returns (Ŵ laid out like ``weight``, (μ, s0, q) or None)."""
+def _weight_standardize_fwd(
+    weight: torch.Tensor, gain: Optional[torch.Tensor], gamma: float, eps: float, deepmind: bool,
+    out_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Returns (Ŵ laid out like ``weight`` in ``out_dtype`` (None:
+    weight's dtype), μ, s0, q), the last three per row in the accumulation dtype for backward."""
     weight, rows = contiguous_dim0_rows(weight)
-    out = new_empty_like(weight)  # same strides as weight, so its row view lines up
+    # Same strides as weight, so its row view lines up; the kernel stores in out's dtype.
+    out = new_empty_like(weight, dtype=out_dtype or weight.dtype)
     out_rows = contiguous_dim0_rows(out)[1]
     n_rows, n = rows.shape
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    stats = tuple(new_empty(n_rows, device=weight.device, dtype=acc_dtype) for _ in range(3)) if save_stats else None
-    dummy = rows  # never dereferenced when the matching constexpr flag is off
+    mean, s0, q = (new_empty(n_rows, device=weight.device, dtype=acc_dtype) for _ in range(3))
     block, one_tile, num_warps = _block_config(n)
-    _weight_standardize_fwd_kernel[(n_rows,)](
-        rows, gain.reshape(-1) if gain is not None else dummy, out_rows,
-        *(stats if save_stats else (dummy, dummy, dummy)),
+    launch(
+        _weight_standardize_fwd_kernel, (n_rows,),
+        rows, gain.reshape(-1) if gain is not None else rows, out_rows, mean, s0, q,
         n, _gamma_scaled(gamma, n, deepmind), eps,
-        HAS_GAIN=gain is not None, DEEPMIND=deepmind, SAVE_STATS=save_stats,
+        HAS_GAIN=gain is not None, DEEPMIND=deepmind,
         ACC_FP64=acc_dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile, num_warps=num_warps,
     )
-    return out, stats
+    return out, mean, s0, q
 
 
-def weight_standardize_triton_bwd(dout, weight, gain, stats, need_gain_grad):
-    """Launch the backward kernel. Returns (dW laid out like ``weight``, dgain or None)."""
+def _weight_standardize_bwd(
+    dout: torch.Tensor, weight: torch.Tensor, gain: Optional[torch.Tensor], mean: torch.Tensor,
+    s0: torch.Tensor, q: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel. Returns (dW laid out like ``weight`` in weight's dtype, dgain in
+    gain's shape and dtype, or an empty tensor without a gain: an op cannot return None)."""
     weight, rows = contiguous_dim0_rows(weight)
     # dout must share weight's memory order so that row j of both holds the same elements.
     if dout.stride() != weight.stride():
-        dout = torch.empty_like(weight).copy_(dout)
+        dout = torch.empty_like(weight, dtype=dout.dtype).copy_(dout)
     dout_rows = contiguous_dim0_rows(dout)[1]
     dw = new_empty_like(weight)
     dw_rows = contiguous_dim0_rows(dw)[1]
     n_rows, n = rows.shape
-    mean, s0, q = stats
     has_gain = gain is not None
-    dgain = new_empty(n_rows, device=weight.device, dtype=mean.dtype) if has_gain else None
+    dgain = new_empty(n_rows if has_gain else 0, device=weight.device, dtype=mean.dtype)
     block, one_tile, num_warps = _block_config(n)
-    _weight_standardize_bwd_kernel[(n_rows,)](
+    launch(
+        _weight_standardize_bwd_kernel, (n_rows,),
         dout_rows, rows, gain.reshape(-1) if has_gain else rows, mean, s0, q, dw_rows, dgain if has_gain else mean,
         n,
         HAS_GAIN=has_gain, ACC_FP64=mean.dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile,
         num_warps=num_warps,
     )
-    if has_gain and need_gain_grad:
-        return dw, dgain.to(gain.dtype).view(gain.shape)
-    return dw, None
+    return dw, (dgain.to(gain.dtype).view(gain.shape) if has_gain else dgain)
 
 
-class WeightStandardizeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, gain, gamma, eps, deepmind):
-        out, stats = weight_standardize_triton_fwd(weight, gain, gamma, eps, deepmind, save_stats=True)
-        ctx.save_for_backward(weight, gain, *stats)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        weight, gain, *stats = ctx.saved_tensors
-        dw, dgain = weight_standardize_triton_bwd(dout, weight, gain, stats, ctx.needs_input_grad[1])
-        return dw, dgain, None, None, None
+_COMPILED = kernels_are_compiled(_weight_standardize_fwd_kernel)
+weight_standardize_fwd = define_op("weight_standardize_fwd", _weight_standardize_fwd, compiled=_COMPILED)
+weight_standardize_bwd = define_op("weight_standardize_bwd", _weight_standardize_bwd, compiled=_COMPILED)
 
 
-def weight_standardize_triton(weight, gain, gamma, eps, deepmind):
-    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (gain is not None and gain.requires_grad))
-    if needs_grad:
-        return WeightStandardizeFunction.apply(weight, gain, gamma, eps, deepmind)
-    return weight_standardize_triton_fwd(weight, gain, gamma, eps, deepmind, save_stats=False)[0]
+def _setup_context(ctx, inputs, output):
+    weight, gain = inputs[:2]
+    _, mean, s0, q = output
+    ctx.mark_non_differentiable(mean, s0, q)
+    ctx.save_for_backward(weight, gain, mean, s0, q)
 
 
-def weight_standardize_torch(weight, gain, gamma, eps, deepmind):
-    """Plain PyTorch reference (the CPU path): the same formula from torch ops, any dtype."""
+def _backward(ctx, dout, _dmean, _ds0, _dq):
+    """dW = s·(dŴ − mean(dŴ) − q·a·u), dg = s0·a (module docstring); none for the constants."""
+    weight, gain, mean, s0, q = ctx.saved_tensors
+    dw, dgain = weight_standardize_bwd(dout, weight, gain, mean, s0, q)
+    return dw, (dgain if gain is not None else None), None, None, None, None
+
+
+weight_standardize_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def weight_standardize_triton(weight, gain, gamma, eps, deepmind, out_dtype=None):
+    """The Triton path (``torch.ops.nfkernels.weight_standardize_fwd``), differentiable in weight
+    and gain; arguments validated by ``nfkernels.weight_standardize``."""
+    return weight_standardize_fwd(weight, gain, gamma, eps, deepmind, out_dtype)[0]
+
+
+def weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype=None):
+    """Plain PyTorch reference (the CPU path): the same formula from torch ops, any dtype; the
+    result in ``out_dtype`` (None: weight's dtype), autograd for the gradients."""
     dims = tuple(range(1, weight.dim()))
     n = math.prod(weight.shape[1:])
     w = weight if weight.dtype == torch.float64 else weight.float()
@@ -231,4 +247,4 @@ def weight_standardize_torch(weight, gain, gamma, eps, deepmind):
         scale = (gamma / math.sqrt(n)) * torch.rsqrt(var + eps)
     if gain is not None:
         scale = scale * gain.reshape(scale.shape).to(w.dtype)
-    return ((w - mean) * scale).to(weight.dtype)
+    return ((w - mean) * scale).to(out_dtype or weight.dtype)

@@ -1,0 +1,61 @@
+"""Registration of the fused ops as PyTorch custom operators (namespace ``nfkernels``).
+
+Registered ops are what makes the Triton kernels work with the rest of PyTorch: torch.compile
+traces them without graph breaks (fullgraph=True), fake tensors get shapes, dtypes and strides
+from the op's own allocation code, and autograd formulas are attached with
+``torch.library.register_autograd``.
+
+Two registrations, chosen once at import, one code path:
+- compiled Triton (the kernels are ``triton.JITFunction``s): ``torch.library.triton_op``, whose
+  launches go through ``torch.library.wrap_triton``, so Inductor sees (and can schedule) the
+  kernels themselves and the op's body doubles as its fake implementation;
+- Triton's CPU interpreter (``TRITON_INTERPRET=1``, tests): an interpreted kernel cannot be put
+  in a graph (wrap_triton hands it back unwrapped, and it would dereference fake tensors), so the
+  op is an opaque ``torch.library.custom_op`` whose fake implementation is the same body with the
+  kernel launches skipped (``launch`` below): the outputs are allocated by the same code either way,
+  so fake and real strides cannot disagree.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from triton.runtime.jit import JITFunction
+
+NAMESPACE = "nfkernels"
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``, traceable: a compiled kernel goes through wrap_triton
+    (recorded as a kernel call while tracing, a plain launch otherwise); an interpreted kernel (or
+    a test's stand-in for one) runs directly on real tensors and is skipped on fake ones, where
+    only the outputs' metadata matters."""
+    if isinstance(kernel, JITFunction):
+        kernel = torch.library.wrap_triton(kernel)
+    else:
+        first = _first_tensor(args)
+        if first is not None and is_fake(first):
+            return
+    kernel[grid](*args, **meta)
+
+
+def define_op(name: str, fn: Callable, *, compiled: bool) -> torch.library.CustomOpDef:
+    """Register ``fn`` (type-annotated, functional: fresh outputs, no input mutated) as
+    ``torch.ops.nfkernels.<name>``: a triton_op when the kernels are ``compiled``, else an opaque
+    custom_op with ``fn`` itself as the fake implementation (see the module docstring)."""
+    qualname = f"{NAMESPACE}::{name}"
+    if compiled:
+        return torch.library.triton_op(qualname, fn, mutates_args=())
+    op = torch.library.custom_op(qualname, fn, mutates_args=())
+    op.register_fake(fn)
+    return op
+
+
+def kernels_are_compiled(kernel) -> bool:
+    """True when ``kernel`` (a @triton.jit function) is compiled, False under TRITON_INTERPRET=1."""
+    return isinstance(kernel, JITFunction)
