@@ -11,21 +11,25 @@ pipi() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 "$PY" -c "import torch" 2>/dev/null || pipi "torch==2.13.0"
 
 missing=$("$PY" - <<'PYEOF'
-import importlib.util, shutil
+import importlib.metadata, importlib.util, shutil
 import torch
 need = []
 for module, spec in [("triton", "triton==3.6.0"), ("pybind11", "pybind11"), ("pytest", "pytest"),
-                     ("pytest_benchmark", "pytest-benchmark"), ("numpy", "numpy")]:
+                     ("pytest_benchmark", "pytest-benchmark")]:
     if importlib.util.find_spec(module) is None:
         need.append(spec)
 for tool in ("cmake", "ninja"):
     if shutil.which(tool) is None:
         need.append(tool)
-if not torch.cuda.is_available():
-    # Triton 3.6's CPU interpreter (how the tests run Triton kernels without a GPU) breaks on numpy>=2.4.
-    import numpy
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        need.append("numpy<2.4")
+# Triton 3.6's CPU interpreter (how the tests run Triton kernels without a GPU) breaks on numpy>=2.4.
+interpreter_numpy = "numpy<2.4" if not torch.cuda.is_available() else "numpy"
+try:
+    numpy_version = tuple(int(p) for p in importlib.metadata.version("numpy").split(".")[:2])
+except importlib.metadata.PackageNotFoundError:
+    need.append(interpreter_numpy)
+else:
+    if interpreter_numpy != "numpy" and numpy_version >= (2, 4):
+        need.append(interpreter_numpy)
 print(" ".join(f"'{n}'" for n in need))
 PYEOF
 )

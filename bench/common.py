@@ -6,6 +6,7 @@ reported against a device-to-device copy measured in the same run.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -155,3 +156,56 @@ def run_providers(case: str, providers: dict[str, Callable[[], object]], nbytes:
 
 
 COLUMNS = ["case", "provider", "ms", "ms_p20", "ms_p80", "GB/s", "frac_copy_bw", "speedup_vs_ref", "peak_MB"]
+
+
+def forward_only(fn: Callable, *args) -> Callable[[], None]:
+    def run():
+        with torch.no_grad():
+            fn(*args)
+    return run
+
+
+def forward_backward(fn: Callable, *args, grad: torch.Tensor) -> Callable[[], None]:
+    def run():
+        fn(*args).backward(grad)
+    return run
+
+
+def compare_fwd_and_bwd(case: str, impls: dict[str, Callable], args: tuple, grad: torch.Tensor, fwd_bytes: int,
+                        fwd_bwd_bytes: int, device: torch.device, copy_gbs: float) -> list[dict]:
+    """Time each implementation's forward (no grad) and forward+backward against "eager"."""
+    rows = run_providers(f"{case} fwd", {n: forward_only(f, *args) for n, f in impls.items()}, fwd_bytes, device,
+                         copy_gbs, "eager")
+    rows += run_providers(f"{case} fwd+bwd", {n: forward_backward(f, *args, grad=grad) for n, f in impls.items()},
+                          fwd_bwd_bytes, device, copy_gbs, "eager")
+    return rows
+
+
+def activation_bench_setup(description: str, argv=None) -> argparse.Namespace:
+    """Command line and defaults shared by the activation-shaped benchmarks: on a GPU bf16, batch
+    32 at 192 px (the paper's F0 training setting); on a CPU (or --quick) fp32, batch 2 at 64 px."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small CPU-sized run (default on CPU)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--batch", type=int, default=None, help="default 32 (GPU), 2 (CPU)")
+    parser.add_argument("--resolution", type=int, default=None, help="default 192 (GPU), 64 (CPU)")
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args(argv)
+    args.device = bench_device()
+    args.quick = args.quick or args.device.type == "cpu"
+    args.dtype = getattr(torch, args.dtype or ("float32" if args.device.type == "cpu" else "bfloat16"))
+    args.batch = args.batch or (2 if args.quick else 32)
+    args.resolution = args.resolution or (64 if args.quick else 192)
+    args.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    args.esize = torch.tensor([], dtype=args.dtype).element_size()
+    args.copy_gbs = copy_bandwidth_gbs(args.device)
+    return args
+
+
+def activation_bench_meta(args: argparse.Namespace) -> dict:
+    import nfkernels
+
+    return {**environment(args.device), "dtype": str(args.dtype).replace("torch.", ""), "batch": args.batch,
+            "resolution": args.resolution, "memory_format": "channels_last" if args.channels_last else "NCHW",
+            "backend": nfkernels.get_backend(), "copy_GB/s": args.copy_gbs, "cpu_fallback": args.device.type == "cpu"}

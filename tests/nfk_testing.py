@@ -48,3 +48,18 @@ def tolerance(dtype: torch.dtype, backend: str, plain_torch_err: float | None = 
 def assert_close(out, ref, tol, what=""):
     err = rel_err(out, ref)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def reference_data_path():
+    """timm's numbers for a small NFNet (DESIGN.md §6): $NFK_REFERENCE_DATA, or shared/data beside
+    the checkout. Missing data fails the tests that need it rather than skipping them."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(os.environ.get("NFK_REFERENCE_DATA") or
+                Path(__file__).resolve().parents[2] / "shared" / "data" / "timm_nfnet_tiny.pt")
+    if not path.exists():
+        pytest.fail(f"reference data not found at {path} (set NFK_REFERENCE_DATA to timm_nfnet_tiny.pt)")
+    return path

@@ -3,16 +3,14 @@ float64 (timm/utils/agc.py), on every backend that can run here."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import nfkernels as nfk
 from nfkernels.ops import agc as agc_ops
-from nfk_testing import DEVICE, ON_GPU, assert_close, backends_for, rel_err
+from nfk_testing import DEVICE, ON_GPU, assert_close, backends_for, reference_data_path, rel_err
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "timm_nfnet_tiny.pt"
 BACKENDS = backends_for(("torch", "triton", "cuda"))
 
 
@@ -166,12 +164,11 @@ def _tree_module(named: dict[str, torch.Tensor]) -> torch.nn.Module:
     return root
 
 
-@pytest.mark.skipif(not DATA.exists(), reason=f"reference data {DATA} not found")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_agc_on_timm_nfnet_tiny(backend):
     """The clipped gradients timm computed for a real NFNet (all but head.fc.*). The interpreter
     runs one program per unit at ~10 ms each, so it checks the first case only."""
-    data = torch.load(DATA, weights_only=True)
+    data = torch.load(reference_data_path(), weights_only=True)
     model = _tree_module(data["state_dict"]).to(DEVICE)
     params = dict(model.named_parameters())
     interpreted = backend == "triton" and not ON_GPU

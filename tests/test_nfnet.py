@@ -1,24 +1,19 @@
 """NFNet against timm: the tiny dm_nfnet-style reference in ../shared/data/timm_nfnet_tiny.pt
 (timm 1.0.29, float64, randomized parameters) and the paper's parameter counts."""
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nfkernels as nfk
 from nfkernels.models import NFNet, NFNetConfig, nfnet, paper_regularization
-from nfk_testing import DEVICE, assert_close, backends_for
+from nfk_testing import DEVICE, assert_close, backends_for, reference_data_path
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "timm_nfnet_tiny.pt"
 BACKENDS = backends_for(("torch", "triton"))
 
 
 @pytest.fixture(scope="module")
 def reference():
-    if not REFERENCE.exists():
-        pytest.fail(f"reference data missing: {REFERENCE} (the shared/ folder beside the checkout)")
-    return torch.load(REFERENCE, weights_only=True)
+    return torch.load(reference_data_path(), weights_only=True)
 
 
 def tiny_model(reference, dtype=torch.float64) -> NFNet:
