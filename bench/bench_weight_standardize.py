@@ -62,15 +62,15 @@ def main(argv=None) -> list[dict]:
     def nfk_ws(w, g):
         return nfk.weight_standardize(w, g)
 
-    providers_fwd = {"timm eager": _fwd(timm_style, params), "nfkernels": _fwd(nfk_ws, params)}
-    providers_fb = {"timm eager": _fwd_bwd(timm_style, params, grads), "nfkernels": _fwd_bwd(nfk_ws, params, grads)}
+    providers_fwd = {"eager": _fwd(timm_style, params), "nfkernels": _fwd(nfk_ws, params)}
+    providers_fb = {"eager": _fwd_bwd(timm_style, params, grads), "nfkernels": _fwd_bwd(nfk_ws, params, grads)}
     if not quick:
         compiled = torch.compile(timm_style, dynamic=False)
-        providers_fwd["timm torch.compile"] = _fwd(compiled, params)
-        providers_fb["timm torch.compile"] = _fwd_bwd(compiled, params, grads)
+        providers_fwd["torch.compile"] = _fwd(compiled, params)
+        providers_fb["torch.compile"] = _fwd_bwd(compiled, params, grads)
     label = f"F0 convs ({len(shapes)} weights)"
-    rows = run_providers(f"{label} fwd", providers_fwd, fwd_bytes, device, copy_gbs, "timm eager")
-    rows += run_providers(f"{label} fwd+bwd", providers_fb, fwd_bytes + bwd_bytes, device, copy_gbs, "timm eager")
+    rows = run_providers(f"{label} fwd", providers_fwd, fwd_bytes, device, copy_gbs, "eager")
+    rows += run_providers(f"{label} fwd+bwd", providers_fb, fwd_bytes + bwd_bytes, device, copy_gbs, "eager")
     meta = {**environment(device), "dtype": args.dtype, "backend": nfk.get_backend(),
             "copy_GB/s": copy_gbs, "cpu_fallback": device.type == "cpu"}
     path = write_results("weight_standardize", rows, COLUMNS, meta, device)
