@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import nfkernels as nfk
 from bench.common import (COLUMNS, activation_bench_meta, activation_bench_setup, compare_fwd_and_bwd,
-                          nfnet_f0_activation_shapes, write_results)
+                          nfkernels_impls, nfnet_f0_activation_shapes, write_results)
 
 GAMMA = nfk.NF_GAMMA["gelu"]
 
@@ -27,20 +27,22 @@ def fused(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None) -> list[dict]:
     args = activation_bench_setup(__doc__.splitlines()[0], argv)
-    impls = {"eager": eager_chain, "nfkernels": fused}
-    if not args.quick:
-        impls["torch.compile"] = torch.compile(eager_chain, dynamic=False)
+    compiled = None if args.quick else torch.compile(eager_chain, dynamic=False)
     rows = []
     for name, shape in nfnet_f0_activation_shapes(args.batch, args.resolution):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=gen).to(args.device, args.dtype).contiguous(memory_format=args.memory_format)
         b = (0.1 * torch.randn(shape[1], generator=gen)).to(args.device, args.dtype)
         dy = torch.randn(shape, generator=gen).to(args.device, args.dtype).contiguous(memory_format=args.memory_format)
+        impls = {"eager": eager_chain, **nfkernels_impls(fused, (x, b))}
+        if compiled is not None:
+            impls["torch.compile"] = compiled
         tensor_bytes = x.numel() * args.esize
         # forward reads x and writes y; the backward reads dy and x and writes dx
         rows += compare_fwd_and_bwd(f"{name} {tuple(shape)}", impls, (x.requires_grad_(), b.requires_grad_()), dy,
                                     2 * tensor_bytes, 5 * tensor_bytes, args.device, args.copy_gbs)
-    path = write_results("scaled_act", rows, COLUMNS, activation_bench_meta(args), args.device)
+    name = "scaled_act_" + ("channels_last" if args.channels_last else "nchw")
+    path = write_results(name, rows, COLUMNS, activation_bench_meta(args), args.device)
     print(path.read_text())
     return rows
 

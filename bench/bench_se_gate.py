@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import nfkernels as nfk
 from bench.common import (COLUMNS, activation_bench_meta, activation_bench_setup, compare_fwd_and_bwd,
-                          nfnet_f0_activation_shapes, write_results)
+                          nfkernels_impls, nfnet_f0_activation_shapes, write_results)
 
 ALPHA, ATTN_GAIN = 0.2, 2.0
 
@@ -32,9 +32,7 @@ def fused(h, shortcut, w1, b1, w2, b2, bias, skip):
 
 def main(argv=None) -> list[dict]:
     args = activation_bench_setup(__doc__.splitlines()[0], argv)
-    impls = {"eager": eager_tail, "nfkernels": fused}
-    if not args.quick:
-        impls["torch.compile"] = torch.compile(eager_tail, dynamic=False)
+    compiled = None if args.quick else torch.compile(eager_tail, dynamic=False)
     rows = []
     for name, shape in nfnet_f0_activation_shapes(args.batch, args.resolution):
         if not name.endswith("_out"):
@@ -50,11 +48,15 @@ def main(argv=None) -> list[dict]:
         inputs = (rnd(*shape, fmt=fmt), rnd(*shape, fmt=fmt), rnd(rd, c, 1, 1, scale=c ** -0.5), rnd(rd, scale=0.1),
                   rnd(c, rd, 1, 1, scale=rd ** -0.5), rnd(c, scale=0.1), rnd(c, scale=0.1), rnd(scale=1.0))
         dout = torch.randn(shape, generator=gen).to(args.device, args.dtype).contiguous(memory_format=fmt)
+        impls = {"eager": eager_tail, **nfkernels_impls(fused, inputs)}
+        if compiled is not None:
+            impls["torch.compile"] = compiled
         tensor_bytes = inputs[0].numel() * args.esize
         # forward floor: read h and shortcut, write out; backward: read dout and h, write dh
         rows += compare_fwd_and_bwd(f"{name} {tuple(shape)}", impls, inputs, dout, 3 * tensor_bytes,
                                     6 * tensor_bytes, args.device, args.copy_gbs)
-    path = write_results("se_gate", rows, COLUMNS, activation_bench_meta(args), args.device)
+    name = "se_gate_" + ("channels_last" if args.channels_last else "nchw")
+    path = write_results(name, rows, COLUMNS, activation_bench_meta(args), args.device)
     print(path.read_text())
     return rows
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import nfkernels as nfk
-from bench.common import (COLUMNS, bench_device, copy_bandwidth_gbs, environment, nfnet_f0_conv_shapes,
-                          run_providers, write_results)
+from bench.common import (COLUMNS, bench_device, copy_bandwidth_gbs, environment, nfkernels_impls,
+                          nfnet_f0_conv_shapes, run_providers, write_results)
 
 
 def timm_style(weight: torch.Tensor, gain: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -62,8 +62,9 @@ def main(argv=None) -> list[dict]:
     def nfk_ws(w, g):
         return nfk.weight_standardize(w, g)
 
-    providers_fwd = {"eager": _fwd(timm_style, params), "nfkernels": _fwd(nfk_ws, params)}
-    providers_fb = {"eager": _fwd_bwd(timm_style, params, grads), "nfkernels": _fwd_bwd(nfk_ws, params, grads)}
+    impls = {"eager": timm_style, **nfkernels_impls(nfk_ws, params[0])}
+    providers_fwd = {name: _fwd(fn, params) for name, fn in impls.items()}
+    providers_fb = {name: _fwd_bwd(fn, params, grads) for name, fn in impls.items()}
     if not quick:
         compiled = torch.compile(timm_style, dynamic=False)
         providers_fwd["torch.compile"] = _fwd(compiled, params)

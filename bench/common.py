@@ -92,6 +92,34 @@ def environment(device: torch.device) -> dict[str, str]:
     return env
 
 
+def write_plot(name: str, rows: list[dict], label_key: str, value_key: str, title: str,
+               device: torch.device) -> Path | None:
+    """A horizontal bar chart bench/results/<name>_<device>.png of ``value_key`` per ``label_key``
+    (skipped, with a note, where matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(no plot for {name}: matplotlib is not installed)")
+        return None
+    labels = [str(r[label_key]) for r in rows]
+    values = [r[value_key] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    ax.barh(labels[::-1], values[::-1], color="#4c72b0")
+    for i, v in enumerate(values[::-1]):
+        ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+    ax.set_xlabel(value_key)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = RESULTS_DIR / f"{name}_{device_slug(device)}.png"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -156,6 +184,32 @@ def run_providers(case: str, providers: dict[str, Callable[[], object]], nbytes:
 
 
 COLUMNS = ["case", "provider", "ms", "ms_p20", "ms_p80", "GB/s", "frac_copy_bw", "speedup_vs_ref", "peak_MB"]
+
+
+def nfkernels_impls(fn: Callable, probe_args: tuple) -> dict[str, Callable]:
+    """``fn`` under each nfkernels backend that runs here, named "nfkernels <backend>": triton and
+    cuda (when the extension serves the op: one probe call with ``probe_args`` decides) on a GPU,
+    the torch path on a CPU."""
+    import nfkernels
+
+    if bench_device().type == "cpu":
+        backends = ["torch"]
+    else:
+        backends = ["triton"]
+        try:
+            with torch.no_grad(), nfkernels.use_backend("cuda"):
+                fn(*probe_args)
+            backends.append("cuda")
+        except RuntimeError as err:  # no extension, or no CUDA kernel for this op
+            print(f"  (no 'nfkernels cuda' row: {err})")
+
+    def under(backend):
+        def run(*args):
+            with nfkernels.use_backend(backend):
+                return fn(*args)
+        return run
+
+    return {f"nfkernels {b}": under(b) for b in backends}
 
 
 def forward_only(fn: Callable, *args) -> Callable[[], None]:

@@ -30,4 +30,80 @@ struct SgdAgcOptions {
 cudaError_t sgd_agc(DType dtype, void* param, const void* grad, void* momentum_buffer, const int64_t* table,
                     int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream);
 
+
+// ---------------------------------------------------------------------------------------------
+// Scaled Weight Standardization (mirrors nfkernels/ops/weight_standardize.py; DESIGN.md §5).
+// `weight` is n_rows dense rows of row_len elements (one per output unit), `out` / `dweight`
+// the same layout. Per row, with μ, M2 = Σ (W − μ)², s0 and q as in the Triton kernels:
+//   timm:     r = 1/sqrt(M2/N + eps), s0 = gamma_scaled·r (gamma_scaled = γ/sqrt(N)), q = r²/N
+//   deepmind: r = 1/sqrt(max(M2, eps)), s0 = gamma_scaled·r (gamma_scaled = γ),
+//             q = r² if M2 > eps else 0
+//   Ŵ = (W − μ)·g·s0;   dW = g·s0·(dŴ − mean dŴ − q·a·(W − μ)), dg = s0·a, a = Σ dŴ·(W − μ).
+// gain (weight's dtype) may be null; mean, s0, q and dgain are per-row vectors in the
+// accumulation dtype (fp32, fp64 for fp64 weights); dgain may be null.
+cudaError_t weight_standardize_fwd(DType weight_dtype, DType out_dtype, const void* weight, const void* gain,
+                                   void* out, void* mean, void* s0, void* q, int64_t n_rows, int64_t row_len,
+                                   double gamma_scaled, double eps, bool deepmind, cudaStream_t stream);
+cudaError_t weight_standardize_bwd(DType dout_dtype, DType weight_dtype, const void* dout, const void* weight,
+                                   const void* gain, const void* mean, const void* s0, const void* q,
+                                   void* dweight, void* dgain, int64_t n_rows, int64_t row_len,
+                                   cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Scaled activations y = coeff·f(x + b_c) (mirrors nfkernels/ops/scaled_act.py). ELU and CELU
+// (α = 1) are one function.
+enum class Activation {
+  kGelu, kGeluTanh, kRelu, kSilu, kRelu6, kElu, kLeakyRelu, kSelu, kSigmoid, kTanh, kSoftplus, kSoftsign,
+  kLogSigmoid, kIdentity
+};
+
+// The (rows, cols) row-major view of a dense activation tensor (scaled_act.py _matrix_view):
+// the channel of element (r, k) is r % channels when channel_on_rows (NCHW: rows are (n, c)
+// planes), else k (channels-last, or (N, C): rows are pixels / samples).
+struct MatrixView {
+  int64_t rows, cols, channels;
+  bool channel_on_rows;
+};
+
+// A per-channel parameter: in the activation dtype, or float32 (is_float) next to fp16/bf16
+// activations, as under autocast. data may be null (no such parameter).
+struct ChannelParam {
+  const void* data;
+  bool is_float;
+};
+
+cudaError_t scaled_act_fwd(DType dtype, Activation act, const void* x, ChannelParam bias, void* y,
+                           const MatrixView& view, double coeff, cudaStream_t stream);
+
+// Accumulation-dtype elements of the workspace scaled_act_bwd needs for dbias (its partial sums).
+int64_t scaled_act_bwd_workspace(DType dtype, const MatrixView& view);
+
+// dx = dy·coeff·f'(x + b_c) (dy, x, dx share the view and dtype); when dbias is not null also
+// dbias_c = Σ of dx over every element of channel c (accumulation dtype), written
+// deterministically: partial sums into `workspace`, then a fixed-order sum (no atomics).
+cudaError_t scaled_act_bwd(DType dtype, Activation act, const void* dy, const void* x, ChannelParam bias, void* dx,
+                           void* dbias, void* workspace, const MatrixView& view, double coeff, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Squeeze-excite gate with the SkipInit residual (mirrors nfkernels/ops/se_gate.py). h, shortcut,
+// out, dout and dh are dense (n, c, hw) tensors, NCHW or channels_last, all in one layout and
+// dtype. coef, pool, s1, s2 and dpool_over_hw are (n, c) row-major in the accumulation dtype.
+struct SeShape {
+  int64_t n, c, hw;
+  bool channels_last;
+};
+
+// pool_{n,c} = mean_hw h + b_c.
+cudaError_t se_pool(DType dtype, const void* h, ChannelParam bias, void* pool, const SeShape& shape,
+                    cudaStream_t stream);
+// out = shortcut + sb_c + coef_{n,c}·(h + b_c); shortcut may be null.
+cudaError_t se_gate_fwd(DType dtype, const void* h, const void* shortcut, const void* coef, ChannelParam bias,
+                        ChannelParam shortcut_bias, void* out, const SeShape& shape, cudaStream_t stream);
+// s1_{n,c} = Σ_hw dout, s2_{n,c} = Σ_hw dout·(h + b_c).
+cudaError_t se_gate_bwd_reduce(DType dtype, const void* dout, const void* h, ChannelParam bias, void* s1, void* s2,
+                               const SeShape& shape, cudaStream_t stream);
+// dh = dout·coef_{n,c} + dpool_over_hw_{n,c}; dpool_over_hw may be null (no SE).
+cudaError_t se_gate_bwd(DType dtype, const void* dout, const void* coef, const void* dpool_over_hw, void* dh,
+                        const SeShape& shape, cudaStream_t stream);
+
 }  // namespace nfk

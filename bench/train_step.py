@@ -1,0 +1,192 @@
+"""The training step of NFNet: forward, backward, AGC and SGD, timed the paper's way (median of
+many steps after warm-up, data already on the device; Brock et al. 2021, Table 3 reports F0 at
+56.7 ms/step on a V100, fp16, batch 32).
+
+Providers, all on the same weights and data:
+  reference                timm's dm_nfnet_fX + timm's AGC loop + torch.optim.SGD (nesterov) when
+                           timm imports; else nfkernels' model on its plain-torch backend (the same
+                           unfused ops) + the timm loop + torch.optim.SGD
+  reference torch.compile  the same with the model compiled
+  nfkernels                the fused kernels (backend "auto") + SGD_AGC
+  nfkernels torch.compile  the same with the model compiled (fullgraph)
+  nfkernels CUDA graph     the whole nfkernels step captured once and replayed (GPU only)
+
+    python -m bench.train_step [--variant f0] [--batch 32] [--resolution 192] [--dtype bfloat16]
+                               [--channels-last] [--steps 50] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import nfkernels as nfk
+from bench.bench_agc import timm_adaptive_clip_grad
+from bench.common import bench_device, environment, write_plot, write_results
+from bench.train_nfnet import TINY
+from nfkernels.models import NFNet, nfnet
+from nfkernels.training import CUDAGraphTrainStep
+
+COLUMNS = ["provider", "ms", "ms_p20", "ms_p80", "images/s", "speedup_vs_ref", "peak_MB", "loss_step0"]
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 2e-5
+
+
+def timm_model(variant: str, num_classes: int):
+    """timm's model for ``variant``, or None where timm does not import."""
+    try:
+        import timm
+    except Exception:  # noqa: BLE001 - timm needs torchvision, which may be missing or broken
+        return None
+    name = "nfnet_f7" if variant == "f7" else f"dm_nfnet_{variant}"
+    return timm.create_model(name, num_classes=num_classes)
+
+
+def build_models(variant: str, num_classes: int, device, memory_format):
+    """(nfkernels model, reference model, reference label) with identical weights."""
+    ours = NFNet(TINY, num_classes=num_classes) if variant == "tiny" else nfnet(variant, num_classes)
+    ref = timm_model(variant, num_classes) if variant != "tiny" else None
+    label = "timm" if ref is not None else "nfkernels model on its torch backend"
+    if ref is None:
+        ref = NFNet(TINY, num_classes=num_classes) if variant == "tiny" else nfnet(variant, num_classes)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ours = ours.to(device, memory_format=memory_format).train()
+    ref = ref.to(device, memory_format=memory_format).train()
+    return ours, ref, label
+
+
+def reference_step_fn(model, amp_dtype, torch_backend: bool):
+    params = [p for n, p in model.named_parameters() if not n.startswith("head.fc")]
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and not n.endswith("gain")]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and not n.endswith("gain"))]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=LR, momentum=MOMENTUM, nesterov=True)
+
+    def step(x, y):
+        ctx = nfk.use_backend("torch") if torch_backend else contextlib.nullcontext()
+        with ctx, torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        timm_adaptive_clip_grad(params, clip_factor=0.01, eps=1e-3)
+        opt.step()
+        return loss.detach()
+    return step
+
+
+def nfkernels_step_fn(model, amp_dtype):
+    opt = nfk.optim.SGD_AGC(nfk.optim.nfnet_param_groups(model, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM,
+                            nesterov=True, clip_factor=0.01, eps=1e-3)
+
+    def step(x, y):
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=False)  # gradients stay in place: the fused step's row table is reused
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return step, opt
+
+
+def time_steps(step, x, y, device, warmup: int, steps: int) -> tuple[dict, float]:
+    """Per-step times (CUDA events on a GPU) after warm-up; returns the timing and the first loss."""
+    first_loss = float(step(x, y))
+    for _ in range(warmup - 1):
+        step(x, y)
+    samples = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(x, y)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step(x, y)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+    return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}, first_loss
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default=None, help="f0 … f7, or tiny; default f0 (GPU), tiny (CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="default 32 (GPU), 4 (CPU)")
+    parser.add_argument("--resolution", type=int, default=None, help="default 192 (GPU), 32 (CPU)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="autocast dtype; default bfloat16 (GPU), float32 = no autocast (CPU)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps; default 50 (GPU), 5 (CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 10 (GPU), 2 (CPU)")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized run (default on CPU)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    args = parser.parse_args(argv)
+    device = bench_device()
+    quick = args.quick or device.type == "cpu"
+    variant = args.variant or ("tiny" if quick else "f0")
+    batch = args.batch or (4 if quick else 32)
+    resolution = args.resolution or (32 if quick else 192)
+    dtype_name = args.dtype or ("float32" if quick else "bfloat16")
+    amp_dtype = None if dtype_name == "float32" else getattr(torch, dtype_name)
+    steps, warmup = args.steps or (5 if quick else 50), args.warmup or (2 if quick else 10)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    compile_too = not (quick or args.no_compile)
+    if device.type == "cpu":
+        print("train_step: no CUDA device, CPU fallback (tiny model; nfkernels runs its torch path on CPU, so "
+              "this compares the optimizers and the composition, not the fused GPU kernels)")
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, resolution, resolution, generator=gen).to(device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    results = []
+
+    def record(name, step):
+        torch.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        timing, loss0 = time_steps(step, x, y, device, warmup, steps)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        results.append({"provider": name, **timing, "images/s": batch / (timing["ms"] * 1e-3), "peak_MB": peak,
+                        "loss_step0": loss0})
+        print(f"  {name:28s} {timing['ms']:9.2f} ms/step  {batch / (timing['ms'] * 1e-3):8.1f} img/s", flush=True)
+
+    # Every provider starts from the same weights: fresh copies of these two.
+    ours0, ref0, ref_label = build_models(variant, 1000, device, memory_format)
+    torch_backend = ref_label != "timm"
+    print(f"train_step: NFNet-{variant}, batch {batch}, {resolution}px, {dtype_name}, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, reference = {ref_label}")
+    record("reference", reference_step_fn(copy.deepcopy(ref0), amp_dtype, torch_backend))
+    if compile_too:
+        record("reference torch.compile",
+               reference_step_fn(torch.compile(copy.deepcopy(ref0)), amp_dtype, torch_backend))
+    record("nfkernels", nfkernels_step_fn(copy.deepcopy(ours0), amp_dtype)[0])
+    if compile_too:
+        record("nfkernels torch.compile",
+               nfkernels_step_fn(torch.compile(copy.deepcopy(ours0), fullgraph=True), amp_dtype)[0])
+    if device.type == "cuda":
+        model = copy.deepcopy(ours0)
+        _, opt = nfkernels_step_fn(model, amp_dtype)
+        record("nfkernels CUDA graph", CUDAGraphTrainStep(model, opt, F.cross_entropy, x, y, amp_dtype=amp_dtype))
+
+    ref_ms = results[0]["ms"]
+    for r in results:
+        r["speedup_vs_ref"] = ref_ms / r["ms"]
+    meta = {**environment(device), "variant": variant, "batch": batch, "resolution": resolution,
+            "dtype": dtype_name, "memory_format": "channels_last" if args.channels_last else "NCHW",
+            "reference": ref_label, "steps": steps, "warmup": warmup, "cpu_fallback": device.type == "cpu"}
+    name = f"train_step_{variant}_{meta['memory_format'].lower()}"
+    path = write_results(name, results, COLUMNS, meta, device)
+    write_plot(name, results, "provider", "ms", f"NFNet-{variant} training step, {meta['device']}", device)
+    print(path.read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()
