@@ -11,58 +11,13 @@ in full: every unit may be clipped); an SGD step reads p, g, buf and writes p, b
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-
 import nfkernels as nfk
-from bench.common import bench_device, copy_bandwidth_gbs, device_name, environment, time_ms, write_results
+from bench.common import (bench_device, copy_bandwidth_gbs, device_name, environment, nfnet_on_meta, time_ms,
+                          write_results)
 from nfkernels import _backend
-
-
-def _make_divisible(v: float, divisor: int = 8) -> int:
-    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < 0.9 * v else new_v
-
-
-def nfnet_f0_shapes(width_div: int = 1) -> list[tuple[str, tuple[int, ...]]]:
-    """Parameter names and shapes of timm's dm_nfnet_f0 (depths (1,2,6,3), channels
-    (256,512,1536,1536), deep_quad stem 128, group size 128, bottleneck 0.5, extra conv,
-    SE rd_ratio 0.5, final conv 3072, head fc 3072→1000); channels divided by ``width_div``."""
-    shapes: list[tuple[str, tuple[int, ...]]] = []
-
-    def conv(name, cin, cout, k, groups=1):
-        shapes.extend([(f"{name}.weight", (cout, cin // groups, k, k)), (f"{name}.bias", (cout,)),
-                       (f"{name}.gain", (cout, 1, 1, 1))])
-
-    stem = [c // width_div for c in (16, 32, 64, 128)]
-    cin = 3
-    for i, c in enumerate(stem):
-        conv(f"stem.conv{i + 1}", cin, c, 3)
-        cin = c
-    group_size = max(1, 128 // width_div)
-    for s, (depth, cout) in enumerate(zip((1, 2, 6, 3), (256, 512, 1536, 1536))):
-        cout //= width_div
-        for b in range(depth):
-            name = f"stages.{s}.{b}"
-            mid = _make_divisible(cout * 0.5)
-            if b == 0:
-                conv(f"{name}.downsample.conv", cin, cout, 1)
-            conv(f"{name}.conv1", cin, mid, 1)
-            conv(f"{name}.conv2", mid, mid, 3, groups=mid // group_size)
-            conv(f"{name}.conv2b", mid, mid, 3, groups=mid // group_size)
-            conv(f"{name}.conv3", mid, cout, 1)
-            rd = _make_divisible(cout * 0.5)
-            shapes += [(f"{name}.attn_last.fc1.weight", (rd, cout, 1, 1)), (f"{name}.attn_last.fc1.bias", (rd,)),
-                       (f"{name}.attn_last.fc2.weight", (cout, rd, 1, 1)), (f"{name}.attn_last.fc2.bias", (cout,)),
-                       (f"{name}.skipinit_gain", ())]
-            cin = cout
-    conv("final_conv", cin, 3072 // width_div, 1)
-    shapes += [("head.fc.weight", (1000, 3072 // width_div)), ("head.fc.bias", (1000,))]
-    return shapes
 
 
 def timm_unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = bench_device()
     quick = args.quick or device.type == "cpu"
     dtype = getattr(torch, args.dtype)
-    shapes = nfnet_f0_shapes(width_div=4 if quick else 1)
+    shapes = [(n, tuple(p.shape)) for n, p in nfnet_on_meta("f0", width_div=4 if quick else 1).named_parameters()]
     clip_shapes = [s for s in shapes if not s[0].startswith("head.fc")]
     n_params = sum(int(torch.Size(s).numel()) for _, s in shapes)
     if device.type == "cpu":

@@ -142,19 +142,23 @@ def write_results(name: str, rows: list[dict], columns: list[str], meta: dict, d
     return stem.with_suffix(".md")
 
 
+def nfnet_on_meta(variant: str = "f0", width_div: int = 1) -> torch.nn.Module:
+    """NFNet-``variant`` on the meta device (shapes without memory), channels divided by width_div."""
+    from nfkernels.models import nfnet
+
+    overrides = {}
+    if width_div > 1:
+        overrides = dict(channels=tuple(c // width_div for c in (256, 512, 1536, 1536)), stem_chs=128 // width_div,
+                         group_size=max(1, 128 // width_div), num_features=3072 // width_div)
+    with torch.device("meta"):
+        return nfnet(variant, **overrides)
+
+
 def nfnet_f0_conv_shapes() -> list[tuple[int, ...]]:
     """Weight shapes of every weight-standardized conv in NFNet-F0 (timm dm_nfnet_f0), in order."""
-    shapes = [(16, 3, 3, 3), (32, 16, 3, 3), (64, 32, 3, 3), (128, 64, 3, 3)]  # deep_quad stem
-    in_chs = 128
-    for out_chs, depth in zip((256, 512, 1536, 1536), (1, 2, 6, 3)):
-        mid = out_chs // 2
-        for i in range(depth):
-            if i == 0:
-                shapes.append((out_chs, in_chs, 1, 1))  # downsample conv
-            shapes += [(mid, in_chs, 1, 1), (mid, 128, 3, 3), (mid, 128, 3, 3), (out_chs, mid, 1, 1)]
-            in_chs = out_chs
-    shapes.append((3072, 1536, 1, 1))  # final conv
-    return shapes
+    from nfkernels.nn import WSConv2d
+
+    return [tuple(m.weight.shape) for m in nfnet_on_meta("f0").modules() if isinstance(m, WSConv2d)]
 
 
 def nfnet_f0_activation_shapes(batch: int, resolution: int) -> list[tuple[str, tuple[int, int, int, int]]]:

@@ -304,3 +304,17 @@ def test_default_arguments_are_the_papers():
 
     sig = inspect.signature(nfk.agc_)
     assert sig.parameters["clip_factor"].default == 0.01 and math.isclose(sig.parameters["eps"].default, 1e-3)
+
+
+def test_row_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
+    """An evicted table would be freed memory for a CUDA graph that still reads it."""
+    monkeypatch.setattr(agc_ops, "_table_cache", type(agc_ops._table_cache)())
+    monkeypatch.setattr(agc_ops, "TABLE_CACHE_SIZE", 2)
+    keep = [torch.randn(3, 4)]
+    pinned = agc_ops.row_table([keep])
+    pinned.captured = True  # as row_table marks it when used during capture
+    others = [[torch.randn(2, 5)] for _ in range(4)]
+    for rows in others:
+        agc_ops.row_table([rows])
+    assert agc_ops.row_table([keep]) is pinned
+    assert len(agc_ops._table_cache) == 2  # the pinned table plus the newest

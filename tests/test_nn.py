@@ -241,3 +241,25 @@ def test_nfblock_parameter_names_match_timm():
     assert names["attn_last.fc1.weight"] == (16, 32, 1, 1)
     assert names["attn_last.fc2.bias"] == (32,)
     assert names["conv3.gain"] == (32, 1, 1, 1)
+
+
+def test_wsconv2d_cache_from_inference_mode_is_not_reused_for_autograd():
+    conv = randomize_(WSConv2d(4, 6, 3), seed=12).eval().requires_grad_(False)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.inference_mode():
+        conv(x)
+    x.requires_grad_(True)
+    conv(x).sum().backward()  # frozen weights, gradient for the input: needs a normal Ŵ
+    assert x.grad is not None
+    conv.weight.data.mul_(-1.0)  # bypasses the version counter ...
+    conv.clear_cache()           # ... so the cache is dropped by hand
+    with torch.no_grad():
+        assert_close(conv.standardized_weight(), ref_standardize(conv.weight, conv.gain, 1e-5), 2e-5, "after .data")
+
+
+def test_wsconv2d_compiles_in_eval_without_graph_breaks():
+    conv = randomize_(WSConv2d(4, 6, 3), seed=13).eval()
+    x = torch.randn(2, 4, 7, 7)
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), nfk.use_backend("torch"):
+        assert_close(compiled(x), conv(x), 1e-6, "compiled eval")

@@ -240,3 +240,11 @@ def test_cuda_graph_capture(backend):
     ref = reference_run(twin, [(list(range(8)), {})], steps, lr=0.1, momentum=0.9, nesterov=True)
     for p, r in zip(params, ref):
         assert_close(p, r, 2e-5)
+
+
+def test_loading_sgd_state_with_unsupported_options_raises():
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.5)
+    opt = nfk.optim.SGD_AGC([torch.nn.Parameter(torch.randn(3, 2))], lr=0.1)
+    with pytest.raises(ValueError, match="dampening=0.5"):
+        opt.load_state_dict(sgd.state_dict())

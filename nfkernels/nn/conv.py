@@ -43,7 +43,9 @@ class WSConv2d(nn.Conv2d):
     statically when that is symmetric, otherwise per input size (timm ScaledStdConv2dSame).
 
     When no gradient is needed (eval, ``torch.no_grad``, frozen weights) the standardized weight is
-    cached and recomputed only when ``weight`` or ``gain`` change (in-place updates included).
+    cached and recomputed only when ``weight`` or ``gain`` change: in-place updates, optimizer
+    steps and ``load_state_dict`` are noticed (they bump the tensors' version counters); edits
+    through ``.data`` bypass those counters and are not (call ``clear_cache()`` after them).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
@@ -93,13 +95,22 @@ class WSConv2d(nn.Conv2d):
             self._cached_weight = None
             return weight_standardize(self.weight, self.gain, gamma=self.gamma, eps=self.eps,
                                       eps_mode=self.eps_mode, out_dtype=out_dtype)
-        key = self._cache_key(out_dtype)
+        if torch.compiler.is_compiling():  # a compiled graph recomputes it; data_ptr() cannot be traced
+            return weight_standardize(self.weight, self.gain, gamma=self.gamma, eps=self.eps,
+                                      eps_mode=self.eps_mode, out_dtype=out_dtype)
+        # An inference tensor must not be reused outside inference mode (it cannot be saved for a
+        # backward through the input), so the mode is part of the key.
+        key = self._cache_key(out_dtype) + (torch.is_inference_mode_enabled(),)
         if self._cached_weight is None or self._cached_weight[0] != key:
             with torch.no_grad():
                 w = weight_standardize(self.weight, self.gain, gamma=self.gamma, eps=self.eps,
                                        eps_mode=self.eps_mode, out_dtype=out_dtype)
             self._cached_weight = (key, w)
         return self._cached_weight[1]
+
+    def clear_cache(self) -> None:
+        """Drop the cached standardized weight (needed only after edits through ``.data``)."""
+        self._cached_weight = None
 
     def conv(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The convolution with the standardized weight and the given bias (None: no bias, so that

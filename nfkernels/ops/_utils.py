@@ -1,6 +1,7 @@
 """Helpers the op launchers share: memory views, output allocation, block sizes."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -48,3 +49,8 @@ def contiguous_dim0_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = t.contiguous()
         rows = t.view(t.shape[0], -1)
     return t, rows
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device current: Triton launches on the current device, not the tensors'."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

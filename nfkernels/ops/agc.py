@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nfkernels.ops._utils import dim0_rows, next_power_of_2
+from nfkernels.ops._utils import device_guard, dim0_rows, next_power_of_2
 
 GRAD_NORM_FLOOR = 1e-6  # timm's grad_norm.clamp(min=1e-6)
 
@@ -101,6 +101,7 @@ class RowTable:
     table: torch.Tensor
     n_rows: int
     max_len: int
+    captured: bool = False  # read by a captured CUDA graph: must outlive it, never evicted
 
 
 _table_cache: collections.OrderedDict[tuple, RowTable] = collections.OrderedDict()
@@ -121,12 +122,14 @@ def row_table(tensor_lists: Sequence[Sequence[torch.Tensor]]) -> RowTable:
     lifetime the graph does not own.
     """
     key = _table_key(tensor_lists)
+    device = tensor_lists[0][0].device
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     cached = _table_cache.get(key)
     if cached is not None:
         _table_cache.move_to_end(key)
+        cached.captured = cached.captured or capturing
         return cached
-    device = tensor_lists[0][0].device
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         raise RuntimeError(
             "nfkernels: the row table for these tensors is not built yet and cannot be built during CUDA "
             "graph capture; run one eager step with the same tensors before capturing"
@@ -150,8 +153,9 @@ def row_table(tensor_lists: Sequence[Sequence[torch.Tensor]]) -> RowTable:
         table = host.to(device)
     entry = RowTable(table, host.shape[0], max(r.shape[1] for r in tensor_lists[0]))
     _table_cache[key] = entry
-    if len(_table_cache) > TABLE_CACHE_SIZE:
-        _table_cache.popitem(last=False)
+    evictable = [k for k, e in _table_cache.items() if not e.captured]
+    for old in evictable[: max(0, len(_table_cache) - TABLE_CACHE_SIZE)]:
+        del _table_cache[old]
     return entry
 
 
@@ -168,10 +172,11 @@ def agc_triton(weight_rows: list[torch.Tensor], grad_rows: list[torch.Tensor], c
     """One launch of ``_agc_kernel`` over all rows; every tensor shares device, dtype, alignment."""
     entry = row_table([grad_rows, weight_rows])
     g0, w0 = grad_rows[0], weight_rows[0]
-    _agc_kernel[(entry.n_rows,)](
-        g0, w0, entry.table, clip_factor, eps,
-        ACC_FP64=g0.dtype == torch.float64, BLOCK=block_size(entry.max_len), num_warps=4,
-    )
+    with device_guard(g0):
+        _agc_kernel[(entry.n_rows,)](
+            g0, w0, entry.table, clip_factor, eps,
+            ACC_FP64=g0.dtype == torch.float64, BLOCK=block_size(entry.max_len), num_warps=4,
+        )
 
 
 def agc_cuda(weight_rows: list[torch.Tensor], grad_rows: list[torch.Tensor], clip_factor: float, eps: float) -> None:

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nfkernels.ops._utils import device_guard
 from nfkernels.ops.agc import acc_dtype_for, block_size, clip_scale, row_table, unit_norms
 
 
@@ -82,12 +83,13 @@ def sgd_agc_fused(backend, p_rows, g_rows, buf_rows, *, lr, momentum, weight_dec
     p0, g0, b0 = p_rows[0], g_rows[0], buf_rows[0]
     has_momentum = momentum != 0
     if backend == "triton":
-        _sgd_agc_kernel[(entry.n_rows,)](
-            p0, g0, b0, entry.table, lr, momentum, weight_decay, clip_factor, eps,
-            CLIP=clip, HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
-            FIRST_STEP=first_step, NESTEROV=nesterov, ACC_FP64=p0.dtype == torch.float64,
-            BLOCK=block_size(entry.max_len), num_warps=4,
-        )
+        with device_guard(p0):
+            _sgd_agc_kernel[(entry.n_rows,)](
+                p0, g0, b0, entry.table, lr, momentum, weight_decay, clip_factor, eps,
+                CLIP=clip, HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
+                FIRST_STEP=first_step, NESTEROV=nesterov, ACC_FP64=p0.dtype == torch.float64,
+                BLOCK=block_size(entry.max_len), num_warps=4,
+            )
         return
     from nfkernels import _backend
 

@@ -53,6 +53,11 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
             group.setdefault("eps", 1e-3)
             group.setdefault("clipping", True)
             group.setdefault("nesterov", False)
+            # torch.optim.SGD options SGD_AGC does not implement must not be dropped silently.
+            if group.get("dampening", 0) != 0 or group.get("maximize", False):
+                raise ValueError(f"{OP}: the state dict's param group uses dampening="
+                                 f"{group.get('dampening', 0)}, maximize={group.get('maximize', False)}, "
+                                 "which SGD_AGC does not implement (only dampening=0, maximize=False)")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
