@@ -43,7 +43,8 @@ TABLE_CACHE_SIZE = 32
 
 
 @triton.jit
-def _agc_kernel(g_ptr, w_ptr, table_ptr, clip_factor, eps, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+def _agc_kernel(g_ptr, w_ptr, table_ptr, clip_factor: tl.float64, eps: tl.float64, ACC_FP64: tl.constexpr,
+                BLOCK: tl.constexpr):
     """One program clips one unit: G_i ← G_i · λ‖W_i‖*/max(‖G_i‖, 1e-6) unless ‖G_i‖ < λ‖W_i‖*.
 
     ``table_ptr`` rows are (grad offset, weight offset, length) in elements from g_ptr / w_ptr.
@@ -52,6 +53,11 @@ def _agc_kernel(g_ptr, w_ptr, table_ptr, clip_factor, eps, ACC_FP64: tl.constexp
     A kept unit is not written, so it costs one read of W_i and G_i.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    # The scalars arrive as fp64 (an unannotated Python float would be fp32 and round fp64 math);
+    # fp32 kernels narrow them once so that the per-element math stays fp32.
+    if not ACC_FP64:
+        clip_factor = tl.cast(clip_factor, tl.float32)
+        eps = tl.cast(eps, tl.float32)
     unit = tl.program_id(0).to(tl.int64)
     g_start = tl.load(table_ptr + unit * 3)
     w_start = tl.load(table_ptr + unit * 3 + 1)

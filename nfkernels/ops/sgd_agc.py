@@ -24,7 +24,7 @@ from nfkernels.ops.agc import acc_dtype_for, block_size, clip_scale, row_table, 
 @triton.jit
 def _sgd_agc_kernel(
     p_ptr, g_ptr, buf_ptr, table_ptr,
-    lr, momentum, weight_decay, clip_factor, eps,
+    lr: tl.float64, momentum: tl.float64, weight_decay: tl.float64, clip_factor: tl.float64, eps: tl.float64,
     CLIP: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -35,6 +35,12 @@ def _sgd_agc_kernel(
     stored in the parameter dtype. Without weight decay p is not added (0·inf would be NaN).
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    # The scalars arrive as fp64 (an unannotated Python float would be fp32 and round fp64 math);
+    # fp32 kernels narrow them once so that the per-element math stays fp32.
+    if not ACC_FP64:
+        lr, momentum = tl.cast(lr, tl.float32), tl.cast(momentum, tl.float32)
+        weight_decay = tl.cast(weight_decay, tl.float32)
+        clip_factor, eps = tl.cast(clip_factor, tl.float32), tl.cast(eps, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     p_start = tl.load(table_ptr + row * 4)
     g_start = tl.load(table_ptr + row * 4 + 1)
