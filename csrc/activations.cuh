@@ -5,7 +5,7 @@
 // relu6 (and f'(6) = 0), the z ≤ 0 branch elsewhere.
 #pragma once
 
-#include "nfkernels.h"
+#include "matrix_tiles.cuh"
 
 namespace nfk {
 
@@ -88,6 +88,11 @@ __device__ __forceinline__ Acc act_grad(Acc z) {
   } else {
     return Acc(1);
   }
+}
+
+// A MatrixView the scaled-activation kernels can walk.
+inline bool valid_view(const MatrixView& v) {
+  return v.rows >= 0 && v.cols > 0 && v.channels > 0 && (!v.channel_on_rows || v.rows % v.channels == 0);
 }
 
 // Calls f(std::integral_constant<Activation, A>{}) for the runtime `act`: every activation is

@@ -149,6 +149,11 @@ struct ParamPtr {
   }
 };
 
+template <typename T>
+ParamPtr<T> param_ptr(ChannelParam p) {
+  return ParamPtr<T>{p.data, p.is_float};
+}
+
 // Whether Pack<T, V> accesses at p + k·V are aligned (a null pointer, an absent operand, is).
 template <typename T, int V>
 bool pack_aligned(const void* p) {

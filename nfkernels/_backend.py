@@ -2,18 +2,23 @@
 
 The choice is, in order of precedence: the innermost ``use_backend`` context, the value given
 to ``set_backend``, the ``NFK_BACKEND`` environment variable read at import, and "auto".
-"auto" runs Triton kernels on CUDA tensors and the torch reference on CPU tensors. A backend
-named explicitly that cannot run the call raises ``RuntimeError``; nothing falls back silently.
+"auto" runs the torch reference on CPU tensors and, on CUDA tensors, whichever of the Triton and
+CUDA kernels bench/ measured faster for the op on that device class (nfkernels._autotable; Triton
+where nothing was measured or the extension is not built). A backend named explicitly that
+cannot run the call raises ``RuntimeError``; nothing falls back silently.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from typing import Iterator
 
 import torch
+
+from nfkernels import _autotable
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -79,13 +84,33 @@ def cuda_extension():
     return _C
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def cuda_device_name(device: torch.device) -> str:
+    """The name of a CUDA device (the key of nfkernels._autotable); "" without a usable GPU."""
+    if not torch.cuda.is_available():
+        return ""
+    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _auto(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
+    if device.type != "cuda":
+        return "torch"
+    has_triton = "triton" in supported and triton_available()
+    has_cuda = "cuda" in supported and cuda_extension() is not None
+    if has_cuda and (not has_triton or _autotable.preferred_backend(op, cuda_device_name(device)) == "cuda"):
+        return "cuda"
+    return "triton" if has_triton else "torch"
+
+
 def resolve(op: str, device: torch.device, supported: tuple[str, ...] = ("torch", "triton")) -> str:
     """The concrete backend that runs ``op`` on ``device``; raises RuntimeError if it cannot."""
     name = get_backend()
     if name == "auto":
-        if device.type == "cuda" and "triton" in supported and triton_available():
-            return "triton"
-        return "torch"
+        return _auto(op, device, supported)
     if name not in supported:
         raise RuntimeError(
             f"{op}: backend {name!r} has no implementation of this op (it has: {', '.join(supported)})"

@@ -22,9 +22,13 @@ EPS_MODES = ("timm", "deepmind")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+# Every op of this module has all three implementations.
+BACKENDS = ("torch", "triton", "cuda")
+
+
 @torch.compiler.assume_constant_result
 def _resolve_while_tracing(op: str, device: torch.device) -> str:
-    return _backend.resolve(op, device)
+    return _backend.resolve(op, device, supported=BACKENDS)
 
 
 def _resolve(op: str, device: torch.device) -> str:
@@ -35,7 +39,7 @@ def _resolve(op: str, device: torch.device) -> str:
     after changing backends retraces it."""
     if torch.compiler.is_compiling():
         return _resolve_while_tracing(op, device)
-    return _backend.resolve(op, device)
+    return _backend.resolve(op, device, supported=BACKENDS)
 
 
 def _check_param_dtypes(op: str, act_name: str, act: torch.Tensor, **params: torch.Tensor | None) -> None:
@@ -95,6 +99,8 @@ def weight_standardize(
         return weight.to(out_dtype or weight.dtype, copy=True)
     if backend == "torch":
         return _ws.weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype)
+    if backend == "cuda":
+        return _ws.weight_standardize_cuda(weight, gain, gamma, eps, deepmind, out_dtype)
     return _ws.weight_standardize_triton(weight, gain, gamma, eps, deepmind, out_dtype)
 
 
@@ -192,6 +198,8 @@ def se_gate_residual(
             alpha, attn_gain)
     if backend == "torch" or h.numel() == 0:
         return _se.se_gate_residual_torch(*args)
+    if backend == "cuda":
+        return _se.se_gate_residual_cuda(*args)
     return _se.se_gate_residual_triton(*args)
 
 
@@ -228,4 +236,6 @@ def scaled_act(
     backend = _resolve(op, x.device)
     if backend == "torch" or x.numel() == 0:
         return _sa.scaled_act_torch(x, bias, act, gamma, scale)
+    if backend == "cuda":
+        return _sa.scaled_act_cuda(x, bias, act, gamma, scale)
     return _sa.scaled_act_triton(x, bias, act, gamma, scale)

@@ -1,6 +1,7 @@
 // pybind11 bindings of the framework-free kernels in csrc/ as the module nfkernels._C.
-// Tensors arrive as integers (data_ptr()), the stream as torch's cuda_stream handle; the
-// Python side (nfkernels.ops.agc / sgd_agc) has validated shapes, dtypes and devices. No
+// Tensors arrive as integers (data_ptr(), 0 for an absent operand), dtypes as names, the stream
+// as torch's cuda_stream handle; the Python side (nfkernels.ops.*) has validated shapes, dtypes
+// and devices and allocated every output and workspace. No
 // libtorch: the module links only the static CUDA runtime, so it imports without a GPU.
 #include <cstdint>
 #include <stdexcept>
@@ -49,6 +50,53 @@ nfk::DType parse_dtype(const char* what, const std::string& name) {
 template <typename T>
 T* ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
+}
+
+// A per-channel parameter: absent (address 0, dtype ""), in the activation dtype, or float32
+// (autocast keeps parameters fp32 next to fp16/bf16 activations).
+nfk::ChannelParam channel_param(const char* what, const char* name, std::uintptr_t address, const std::string& dtype,
+                                const std::string& act_dtype) {
+  if (address == 0) return nfk::ChannelParam{nullptr, false};
+  if (dtype != act_dtype && dtype != "float32") {
+    throw py::type_error(std::string("nfkernels._C.") + what + ": " + name + " must have dtype " + act_dtype +
+                         " or float32; got '" + dtype + "'");
+  }
+  return nfk::ChannelParam{ptr<const void>(address), dtype == "float32"};
+}
+
+nfk::Activation parse_activation(const char* what, const std::string& name) {
+  static const std::pair<const char*, nfk::Activation> table[] = {
+      {"gelu", nfk::Activation::kGelu},         {"gelu_tanh", nfk::Activation::kGeluTanh},
+      {"relu", nfk::Activation::kRelu},         {"silu", nfk::Activation::kSilu},
+      {"relu6", nfk::Activation::kRelu6},       {"elu", nfk::Activation::kElu},
+      {"celu", nfk::Activation::kElu},          {"leaky_relu", nfk::Activation::kLeakyRelu},
+      {"selu", nfk::Activation::kSelu},         {"sigmoid", nfk::Activation::kSigmoid},
+      {"tanh", nfk::Activation::kTanh},         {"softplus", nfk::Activation::kSoftplus},
+      {"softsign", nfk::Activation::kSoftsign}, {"log_sigmoid", nfk::Activation::kLogSigmoid},
+      {"identity", nfk::Activation::kIdentity},
+  };
+  for (const auto& [key, act] : table) {
+    if (name == key) return act;
+  }
+  throw py::value_error(std::string("nfkernels._C.") + what + ": unknown activation " + name);
+}
+
+nfk::MatrixView matrix_view(const char* what, std::int64_t rows, std::int64_t cols, std::int64_t channels,
+                            bool channel_on_rows) {
+  if (rows < 0 || cols <= 0 || channels <= 0 || (channel_on_rows && rows % channels != 0)) {
+    throw std::invalid_argument(std::string("nfkernels._C.") + what + ": invalid matrix view (rows " +
+                                std::to_string(rows) + ", cols " + std::to_string(cols) + ", channels " +
+                                std::to_string(channels) + ")");
+  }
+  return nfk::MatrixView{rows, cols, channels, channel_on_rows};
+}
+
+nfk::SeShape se_shape(const char* what, std::int64_t n, std::int64_t c, std::int64_t hw, bool channels_last) {
+  if (n < 0 || c <= 0 || hw <= 0) {
+    throw std::invalid_argument(std::string("nfkernels._C.") + what + ": invalid shape (n " + std::to_string(n) +
+                                ", c " + std::to_string(c) + ", hw " + std::to_string(hw) + ")");
+  }
+  return nfk::SeShape{n, c, hw, channels_last};
 }
 
 }  // namespace
@@ -107,4 +155,176 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device"), py::arg("stream"),
       "SGD (nesterov optional) with AGC over a (n_rows, 4) int64 table (param, grad, buffer offsets,\n"
       "length), updating param and momentum_buffer in one launch on `stream` of `device`.");
+
+  m.def(
+      "weight_standardize_fwd",
+      [](std::uintptr_t weight, std::uintptr_t gain, std::uintptr_t out, std::uintptr_t mean, std::uintptr_t s0,
+         std::uintptr_t q, std::int64_t n_rows, std::int64_t row_len, const std::string& weight_dtype,
+         const std::string& out_dtype, double gamma_scaled, double eps, bool deepmind, int device,
+         std::uintptr_t stream) {
+        const char* what = "weight_standardize_fwd";
+        const nfk::DType w_type = parse_dtype(what, weight_dtype), o_type = parse_dtype(what, out_dtype);
+        use_device(what, device);
+        check(nfk::weight_standardize_fwd(w_type, o_type,
+                                          ptr<const void>(weight), ptr<const void>(gain), ptr<void>(out),
+                                          ptr<void>(mean), ptr<void>(s0), ptr<void>(q), n_rows, row_len, gamma_scaled,
+                                          eps, deepmind, ptr<CUstream_st>(stream)),
+              what);
+      },
+      py::arg("weight"), py::arg("gain"), py::arg("out"), py::arg("mean"), py::arg("s0"), py::arg("q"),
+      py::arg("n_rows"), py::arg("row_len"), py::arg("weight_dtype"), py::arg("out_dtype"), py::arg("gamma_scaled"),
+      py::arg("eps"), py::arg("deepmind"), py::arg("device"), py::arg("stream"),
+      "Scaled Weight Standardization of n_rows dense rows, one block per row: out = (W - mean)*gain*s0\n"
+      "in out_dtype, and the per-row mean, s0, q (accumulation dtype) for the backward. gain may be 0.");
+
+  m.def(
+      "weight_standardize_bwd",
+      [](std::uintptr_t dout, std::uintptr_t weight, std::uintptr_t gain, std::uintptr_t mean, std::uintptr_t s0,
+         std::uintptr_t q, std::uintptr_t dweight, std::uintptr_t dgain, std::int64_t n_rows, std::int64_t row_len,
+         const std::string& dout_dtype, const std::string& weight_dtype, int device, std::uintptr_t stream) {
+        const char* what = "weight_standardize_bwd";
+        const nfk::DType d_type = parse_dtype(what, dout_dtype), w_type = parse_dtype(what, weight_dtype);
+        use_device(what, device);
+        check(nfk::weight_standardize_bwd(d_type, w_type,
+                                          ptr<const void>(dout), ptr<const void>(weight), ptr<const void>(gain),
+                                          ptr<const void>(mean), ptr<const void>(s0), ptr<const void>(q),
+                                          ptr<void>(dweight), ptr<void>(dgain), n_rows, row_len,
+                                          ptr<CUstream_st>(stream)),
+              what);
+      },
+      py::arg("dout"), py::arg("weight"), py::arg("gain"), py::arg("mean"), py::arg("s0"), py::arg("q"),
+      py::arg("dweight"), py::arg("dgain"), py::arg("n_rows"), py::arg("row_len"), py::arg("dout_dtype"),
+      py::arg("weight_dtype"), py::arg("device"), py::arg("stream"),
+      "Backward of weight_standardize_fwd from its saved mean, s0, q: dweight (weight's dtype) and, when\n"
+      "dgain is not 0, dgain (accumulation dtype). gain may be 0.");
+
+  m.def(
+      "scaled_act_fwd",
+      [](std::uintptr_t x, std::uintptr_t bias, std::uintptr_t y, std::int64_t rows, std::int64_t cols,
+         std::int64_t channels, bool channel_on_rows, const std::string& dtype,
+         const std::string& bias_dtype, const std::string& act, double coeff, int device,
+         std::uintptr_t stream) {
+        const char* what = "scaled_act_fwd";
+        const nfk::MatrixView view = matrix_view(what, rows, cols, channels, channel_on_rows);
+        const nfk::DType type = parse_dtype(what, dtype);
+        const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
+        const nfk::Activation a = parse_activation(what, act);
+        use_device(what, device);
+        check(nfk::scaled_act_fwd(type, a, ptr<const void>(x), b, ptr<void>(y), view, coeff, ptr<CUstream_st>(stream)),
+              what);
+      },
+      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("cols"), py::arg("channels"),
+      py::arg("channel_on_rows"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("act"), py::arg("coeff"),
+      py::arg("device"), py::arg("stream"),
+      "y = coeff*f(x + b_c) over the (rows, cols) row-major view of x; the channel is row % channels when\n"
+      "channel_on_rows, else the column. bias may be 0 (bias_dtype \"\").");
+
+  m.def(
+      "scaled_act_bwd_workspace",
+      [](std::int64_t rows, std::int64_t cols, std::int64_t channels, bool channel_on_rows, const std::string& dtype) {
+        const char* what = "scaled_act_bwd_workspace";
+        return nfk::scaled_act_bwd_workspace(parse_dtype(what, dtype),
+                                             matrix_view(what, rows, cols, channels, channel_on_rows));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("channels"), py::arg("channel_on_rows"), py::arg("dtype"),
+      "Accumulation-dtype elements of the workspace scaled_act_bwd needs to compute dbias (no device needed).");
+
+  m.def(
+      "scaled_act_bwd",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t dx, std::uintptr_t dbias,
+         std::uintptr_t workspace, std::int64_t rows, std::int64_t cols, std::int64_t channels, bool channel_on_rows,
+         const std::string& dtype, const std::string& bias_dtype, const std::string& act, double coeff,
+         int device, std::uintptr_t stream) {
+        const char* what = "scaled_act_bwd";
+        const nfk::MatrixView view = matrix_view(what, rows, cols, channels, channel_on_rows);
+        const nfk::DType type = parse_dtype(what, dtype);
+        const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
+        const nfk::Activation a = parse_activation(what, act);
+        if (dbias != 0 && (b.data == nullptr || workspace == 0)) {
+          throw std::invalid_argument(std::string("nfkernels._C.") + what + ": dbias needs bias and a workspace");
+        }
+        use_device(what, device);
+        check(nfk::scaled_act_bwd(type, a, ptr<const void>(dy), ptr<const void>(x), b, ptr<void>(dx), ptr<void>(dbias),
+                                  ptr<void>(workspace), view, coeff, ptr<CUstream_st>(stream)),
+              what);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dx"), py::arg("dbias"), py::arg("workspace"),
+      py::arg("rows"), py::arg("cols"), py::arg("channels"), py::arg("channel_on_rows"), py::arg("dtype"),
+      py::arg("bias_dtype"), py::arg("act"), py::arg("coeff"), py::arg("device"), py::arg("stream"),
+      "dx = dy*coeff*f'(x + b_c) and, when dbias is not 0, dbias (accumulation dtype) = per-channel sums of\n"
+      "dx, deterministic (partial sums in `workspace`, then a fixed-order sum).");
+
+  m.def(
+      "se_pool",
+      [](std::uintptr_t h, std::uintptr_t bias, std::uintptr_t pool, std::int64_t n, std::int64_t c, std::int64_t hw,
+         bool channels_last, const std::string& dtype, const std::string& bias_dtype, int device,
+         std::uintptr_t stream) {
+        const char* what = "se_pool";
+        const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
+        const nfk::DType type = parse_dtype(what, dtype);
+        const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
+        use_device(what, device);
+        check(nfk::se_pool(type, ptr<const void>(h), b, ptr<void>(pool), shape, ptr<CUstream_st>(stream)), what);
+      },
+      py::arg("h"), py::arg("bias"), py::arg("pool"), py::arg("n"), py::arg("c"), py::arg("hw"),
+      py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("device"), py::arg("stream"),
+      "pool[n, c] = mean over hw of h + b_c, (n, c) in the accumulation dtype; h dense NCHW or channels_last.");
+
+  m.def(
+      "se_gate_fwd",
+      [](std::uintptr_t h, std::uintptr_t shortcut, std::uintptr_t coef, std::uintptr_t bias,
+         std::uintptr_t shortcut_bias, std::uintptr_t out, std::int64_t n, std::int64_t c, std::int64_t hw,
+         bool channels_last, const std::string& dtype, const std::string& bias_dtype,
+         const std::string& shortcut_bias_dtype, int device, std::uintptr_t stream) {
+        const char* what = "se_gate_fwd";
+        const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
+        const nfk::DType type = parse_dtype(what, dtype);
+        const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
+        const nfk::ChannelParam sb = channel_param(what, "shortcut_bias", shortcut_bias, shortcut_bias_dtype, dtype);
+        use_device(what, device);
+        check(nfk::se_gate_fwd(type, ptr<const void>(h), ptr<const void>(shortcut), ptr<const void>(coef), b, sb,
+                               ptr<void>(out), shape, ptr<CUstream_st>(stream)),
+              what);
+      },
+      py::arg("h"), py::arg("shortcut"), py::arg("coef"), py::arg("bias"), py::arg("shortcut_bias"), py::arg("out"),
+      py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"),
+      py::arg("shortcut_bias_dtype"), py::arg("device"), py::arg("stream"),
+      "out = shortcut + sb_c + coef[n, c]*(h + b_c); shortcut and the biases may be 0, coef is (n, c) in\n"
+      "the accumulation dtype; h, shortcut and out share one dense layout.");
+
+  m.def(
+      "se_gate_bwd_reduce",
+      [](std::uintptr_t dout, std::uintptr_t h, std::uintptr_t bias, std::uintptr_t s1, std::uintptr_t s2,
+         std::int64_t n, std::int64_t c, std::int64_t hw, bool channels_last, const std::string& dtype,
+         const std::string& bias_dtype, int device, std::uintptr_t stream) {
+        const char* what = "se_gate_bwd_reduce";
+        const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
+        const nfk::DType type = parse_dtype(what, dtype);
+        const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
+        use_device(what, device);
+        check(nfk::se_gate_bwd_reduce(type, ptr<const void>(dout), ptr<const void>(h), b, ptr<void>(s1), ptr<void>(s2),
+                                      shape, ptr<CUstream_st>(stream)),
+              what);
+      },
+      py::arg("dout"), py::arg("h"), py::arg("bias"), py::arg("s1"), py::arg("s2"), py::arg("n"), py::arg("c"),
+      py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("device"),
+      py::arg("stream"),
+      "s1[n, c] = sum over hw of dout, s2[n, c] = sum over hw of dout*(h + b_c), in the accumulation dtype.");
+
+  m.def(
+      "se_gate_bwd",
+      [](std::uintptr_t dout, std::uintptr_t coef, std::uintptr_t dpool_over_hw, std::uintptr_t dh, std::int64_t n,
+         std::int64_t c, std::int64_t hw, bool channels_last, const std::string& dtype, int device,
+         std::uintptr_t stream) {
+        const char* what = "se_gate_bwd";
+        const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
+        const nfk::DType type = parse_dtype(what, dtype);
+        use_device(what, device);
+        check(nfk::se_gate_bwd(type, ptr<const void>(dout), ptr<const void>(coef), ptr<const void>(dpool_over_hw),
+                               ptr<void>(dh), shape, ptr<CUstream_st>(stream)),
+              what);
+      },
+      py::arg("dout"), py::arg("coef"), py::arg("dpool_over_hw"), py::arg("dh"), py::arg("n"), py::arg("c"),
+      py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      "dh = dout*coef[n, c] + dpool_over_hw[n, c] (the latter may be 0: no SE), in dout's layout and dtype.");
 }

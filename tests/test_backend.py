@@ -43,6 +43,8 @@ def test_explicit_backends_that_cannot_run_raise(monkeypatch):
     with nfk.use_backend("triton"), pytest.raises(RuntimeError, match="runs on CUDA tensors"):
         nfk.weight_standardize(torch.randn(4, 3))
     with nfk.use_backend("cuda"), pytest.raises(RuntimeError, match="has no implementation of this op"):
+        _backend.resolve("op", torch.device("cpu"), supported=("torch", "triton"))
+    with nfk.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"):
         nfk.weight_standardize(torch.randn(4, 3))
     monkeypatch.setattr(_backend, "cuda_extension", lambda: None)
     with nfk.use_backend("cuda"), pytest.raises(RuntimeError, match="nfkernels._C"):
@@ -58,3 +60,90 @@ def test_environment_variable_sets_the_default():
     env["NFK_BACKEND"] = "nonsense"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "NFK_BACKEND" in out.stderr
+
+
+# ----------------------------------------------------------------------------- "auto" on CUDA
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """resolve() as on a machine with a GPU called "NVIDIA H100 80GB HBM3" and the extension."""
+    from nfkernels import _autotable
+
+    monkeypatch.setattr(_backend, "cuda_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    monkeypatch.setattr(_autotable, "TABLE", {
+        "": {"scaled_act": "triton", "weight_standardize": "triton"},
+        "NVIDIA H100": {"scaled_act": "cuda"},
+        "NVIDIA H100 80GB": {"weight_standardize": "cuda", "scaled_act": "triton"},
+        "NVIDIA A100": {"se_gate_residual": "cuda"},
+    })
+    return monkeypatch
+
+
+ALL = ("torch", "triton", "cuda")
+
+
+def test_auto_follows_the_table_longest_prefix_first(fake_gpu):
+    cuda = torch.device("cuda", 0)
+    assert _backend.resolve("weight_standardize", cuda, supported=ALL) == "cuda"  # "NVIDIA H100 80GB"
+    assert _backend.resolve("scaled_act", cuda, supported=ALL) == "triton"  # the longer prefix wins
+    assert _backend.resolve("se_gate_residual", cuda, supported=ALL) == "triton"  # A100's entry: no match
+    assert _backend.resolve("agc_", cuda, supported=ALL) == "triton"  # no entry anywhere: the default
+    assert _backend.resolve("weight_standardize", torch.device("cpu"), supported=ALL) == "torch"
+    fake_gpu.setattr(_backend, "cuda_device_name", lambda device: "nvidia h100 PCIe")  # case-insensitive
+    assert _backend.resolve("scaled_act", cuda, supported=ALL) == "cuda"
+
+
+def test_auto_needs_the_backend_it_picks(fake_gpu):
+    cuda = torch.device("cuda", 0)
+    assert _backend.resolve("weight_standardize", cuda, supported=("torch", "triton")) == "triton"
+    fake_gpu.setattr(_backend, "cuda_extension", lambda: None)
+    assert _backend.resolve("weight_standardize", cuda, supported=ALL) == "triton"
+    fake_gpu.setattr(_backend, "cuda_extension", lambda: object())
+    fake_gpu.setattr(_backend, "triton_available", lambda: False)
+    assert _backend.resolve("agc_", cuda, supported=ALL) == "cuda"  # the only kernels there are
+    assert _backend.resolve("agc_", cuda, supported=("torch", "triton")) == "torch"
+
+
+def test_explicit_backend_ignores_the_table(fake_gpu):
+    with nfk.use_backend("triton"):
+        assert _backend.resolve("weight_standardize", torch.device("cuda", 0), supported=ALL) == "triton"
+
+
+def test_shipped_table_is_triton_until_measured():
+    from nfkernels import _autotable
+
+    assert set(_autotable.TABLE) == {""}
+    assert set(_autotable.TABLE[""].values()) == {"triton"}
+
+
+def test_bench_autotable_picks_the_faster_provider(tmp_path):
+    import json
+
+    from bench import autotable
+
+    def result(device, rows):
+        return {"meta": {"device": device}, "rows": [
+            {"case": case, "provider": provider, "ms": ms} for case, provider, ms in rows]}
+
+    files = {
+        "scaled_act_nvidia-h100.json": result("NVIDIA H100 80GB HBM3", [
+            ("a fwd", "nfkernels triton", 2.0), ("a fwd", "nfkernels cuda", 1.0),
+            ("b fwd", "nfkernels triton", 1.0), ("b fwd", "nfkernels cuda", 1.5), ("b fwd", "eager", 0.1)]),
+        "se_gate_nvidia-h100.json": result("NVIDIA H100 80GB HBM3", [
+            ("a fwd", "nfkernels triton", 1.0), ("a fwd", "nfkernels cuda", 3.0)]),
+        "weight_standardize_nvidia-h100.json": result("NVIDIA H100 80GB HBM3", [
+            ("a fwd", "nfkernels triton", 1.0)]),  # no cuda row: not decided
+        "scaled_act_cpu.json": result("CPU (x86_64, 2 threads)", [
+            ("a fwd", "nfkernels triton", 9.0), ("a fwd", "nfkernels cuda", 1.0)]),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    table = autotable.build_table(sorted(tmp_path.glob("*.json")))
+    assert table["NVIDIA H100 80GB HBM3"] == {"scaled_act": "cuda", "se_gate_residual": "triton"}
+    assert set(table) == {"", "NVIDIA H100 80GB HBM3"}
+    assert set(table[""].values()) == {"triton"}
+    namespace = {}
+    exec(autotable.render(table, "test"), namespace)  # the rendered block is the Python it claims
+    assert namespace["TABLE"] == table

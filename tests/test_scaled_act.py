@@ -8,7 +8,7 @@ import nfkernels as nfk
 from nfkernels.ops import scaled_act as sa_op
 from nfk_testing import DEVICE, assert_close, backends_for, rel_err, tolerance
 
-BACKENDS = backends_for(("torch", "triton"))
+BACKENDS = backends_for(("torch", "triton", "cuda"))
 
 # The interpreter runs tl.sigmoid's exp in numpy, which warns when exp(−x) overflows to inf for
 # very negative x; the sigmoid is then exactly 0, as on a GPU.

@@ -9,7 +9,7 @@ import nfkernels as nfk
 from nfkernels.ops import se_gate as se_op
 from nfk_testing import DEVICE, assert_close, backends_for, rel_err, tolerance
 
-BACKENDS = backends_for(("torch", "triton"))
+BACKENDS = backends_for(("torch", "triton", "cuda"))
 CL = torch.channels_last
 
 ALL = dict(bias=True, shortcut_bias=True, skip_gain=True, mask=True, fc1_bias=True, fc2_bias=True)

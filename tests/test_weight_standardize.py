@@ -8,7 +8,7 @@ import nfkernels as nfk
 from nfkernels.ops import weight_standardize as ws_op
 from nfk_testing import DEVICE, assert_close, backends_for, rel_err, tolerance
 
-BACKENDS = backends_for(("torch", "triton"))
+BACKENDS = backends_for(("torch", "triton", "cuda"))
 
 SHAPES = {
     "linear_odd": (3, 7),

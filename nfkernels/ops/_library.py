@@ -5,7 +5,7 @@ traces them without graph breaks (fullgraph=True), fake tensors get shapes, dtyp
 from the op's own allocation code, and autograd formulas are attached with
 ``torch.library.register_autograd``.
 
-Two registrations, chosen once at import, one code path:
+Two registrations of the Triton ops, chosen once at import, one code path:
 - compiled Triton (the kernels are ``triton.JITFunction``s): ``torch.library.triton_op``, whose
   launches go through ``torch.library.wrap_triton``, so Inductor sees (and can schedule) the
   kernels themselves and the op's body doubles as its fake implementation;
@@ -14,6 +14,10 @@ Two registrations, chosen once at import, one code path:
   op is an opaque ``torch.library.custom_op`` whose fake implementation is the same body with the
   kernel launches skipped (``launch`` below): the outputs are allocated by the same code either way,
   so fake and real strides cannot disagree.
+
+The CUDA kernels of nfkernels._C get their own ops (``<name>_cuda``, ``define_cuda_op``): always
+opaque custom_ops, whose fake implementation is again the op's body with the kernel call
+(``cuda_launch``) skipped, and with the same autograd formulas as the Triton ops.
 """
 from __future__ import annotations
 
@@ -59,3 +63,39 @@ def define_op(name: str, fn: Callable, *, compiled: bool) -> torch.library.Custo
 def kernels_are_compiled(kernel) -> bool:
     """True when ``kernel`` (a @triton.jit function) is compiled, False under TRITON_INTERPRET=1."""
     return isinstance(kernel, JITFunction)
+
+
+def define_cuda_op(name: str, fn: Callable) -> torch.library.CustomOpDef:
+    """Register ``fn`` (a body that calls ``cuda_launch``) as the opaque custom op
+    ``torch.ops.nfkernels.<name>`` with ``fn`` itself as the fake implementation."""
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
+    op.register_fake(fn)
+    return op
+
+
+def _c_arg(arg):
+    if arg is None:  # an absent operand
+        return 0
+    if isinstance(arg, torch.Tensor):
+        return arg.data_ptr()
+    if isinstance(arg, torch.dtype):
+        return dtype_name(arg)
+    return arg
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """The name nfkernels._C knows a dtype by ("float32", ...); "" for an absent parameter."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else ""
+
+
+def cuda_launch(kernel: str, device: torch.device, *args) -> None:
+    """``nfkernels._C.<kernel>(*args, device index, current stream)`` with each tensor argument
+    passed as its data_ptr(), None (an absent tensor) as 0 and each torch.dtype by name.
+    Skipped on fake tensors, where only the outputs' metadata matters."""
+    first = _first_tensor(args)
+    if first is not None and is_fake(first):
+        return
+    from nfkernels import _backend
+
+    extension = _backend.cuda_extension()
+    getattr(extension, kernel)(*map(_c_arg, args), device.index, torch.cuda.current_stream(device).cuda_stream)

@@ -38,6 +38,10 @@ Triton's libdevice (tanh, log1p, expm1) does not run under TRITON_INTERPRET=1, s
 build those from tl.exp/tl.log with accuracy-preserving forms (see _expm1, _log1p, _tanh).
 Compiled kernels take the Python float γ·scale as an fp32 argument, so fp64 results agree with
 float64 math to ~1e-7 relative there (the interpreter keeps it fp64).
+
+The CUDA kernels of csrc/scaled_act.cu (``torch.ops.nfkernels.scaled_act_fwd_cuda`` / ``_bwd_cuda``)
+run the same math on the same (R, K) view, behind the same autograd formula; they take coeff
+in the accumulation dtype and reduce dbias with their own deterministic two-stage sum.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nfkernels.ops._library import define_op, kernels_are_compiled, launch
+from nfkernels.ops._library import cuda_launch, define_cuda_op, define_op, dtype_name, kernels_are_compiled, launch
 from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2
 
 # NF gains γ (DeepMind nfnets/base.py; timm _nonlin_gamma). gelu_tanh is DeepMind's own gelu.
@@ -309,12 +313,33 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fwd_buffers(x: torch.Tensor):
+    """(dense x, its (R, K) view, channel_on_rows, y, y's view): y has the dense x's strides, so
+    its (R, K) view lines up."""
+    x, x_rows, channel_on_rows = _dense(x)
+    y = new_empty_like(x)
+    return x, x_rows, channel_on_rows, y, _matrix_view(y)[0]
+
+
+def _bwd_buffers(dy: torch.Tensor, x: torch.Tensor):
+    """(dense x, its view, channel_on_rows, dy's view mapping (r, k) to x's element, dx, its view)."""
+    x, x_rows, channel_on_rows = _dense(x)
+    dy_view = _matrix_view(dy)
+    if dy_view is None or dy_view[1] != channel_on_rows or dy_view[0].shape != x_rows.shape:
+        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+        dy_view = _matrix_view(dy)
+    dx = new_empty_like(x)
+    return x, x_rows, channel_on_rows, dy_view[0], dx, _matrix_view(dx)[0]
+
+
+def _dbias_result(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return dbias.to(bias.dtype).view(bias.shape)
+
+
 def _scaled_act_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float) -> torch.Tensor:
     """Launch the forward kernel: y = coeff·f(x + b_c), laid out like x (or, when x is neither
     NCHW- nor channels-last-dense, like its contiguous copy)."""
-    x, x_rows, channel_on_rows = _dense(x)
-    y = new_empty_like(x)  # same strides as the dense x, so its (R, K) view lines up
-    y_rows = _matrix_view(y)[0]
+    x, x_rows, channel_on_rows, y, y_rows = _fwd_buffers(x)
     n_rows, n_cols = x_rows.shape
     block_r, block_k, num_warps = _tiles(n_rows, n_cols)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k))
@@ -333,14 +358,7 @@ def _scaled_act_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel. Returns (dx laid out like the dense ``x``, dbias in bias's
     shape and dtype, or an empty tensor when not asked for: an op cannot return None)."""
-    x, x_rows, channel_on_rows = _dense(x)
-    # dy must map (r, k) to the same element as x: same view shape and channel placement.
-    dy_view = _matrix_view(dy)
-    if dy_view is None or dy_view[1] != channel_on_rows or dy_view[0].shape != x_rows.shape:
-        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
-        dy_view = _matrix_view(dy)
-    dx = new_empty_like(x)
-    dx_rows = _matrix_view(dx)[0]
+    x, x_rows, channel_on_rows, dy_rows, dx, dx_rows = _bwd_buffers(dy, x)
     n_rows, n_cols = x_rows.shape
     n_channels = x.shape[1]
     block_r, block_k, num_warps = _tiles(n_rows, n_cols)
@@ -355,7 +373,7 @@ def _scaled_act_bwd(
         partial = new_empty(shape, device=x.device, dtype=_acc_dtype(x.dtype))
     launch(
         _scaled_act_bwd_kernel, (row_groups, col_blocks),
-        dy_view[0], x_rows, bias.reshape(-1) if bias is not None else x_rows, dx_rows,
+        dy_rows, x_rows, bias.reshape(-1) if bias is not None else x_rows, dx_rows,
         partial if bias_grad else dx_rows,
         n_rows, n_cols, n_channels, coeff, row_tiles,
         ACT=act, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, CHANNEL_ON_ROWS=channel_on_rows,
@@ -367,12 +385,58 @@ def _scaled_act_bwd(
         dbias = partial.sum(dim=1).view(-1, n_channels).sum(dim=0)
     else:
         dbias = partial.sum(dim=0)
-    return dx, dbias.to(bias.dtype).view(bias.shape)
+    return dx, _dbias_result(dbias, bias)
+
+
+def _flat(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """bias as a dense vector: the CUDA kernels index it by channel."""
+    return bias.reshape(-1).contiguous() if bias is not None else None
+
+
+def _scaled_act_fwd_cuda(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float) -> torch.Tensor:
+    """``_scaled_act_fwd`` through the CUDA kernel of nfkernels._C (same output)."""
+    x, x_rows, channel_on_rows, y, y_rows = _fwd_buffers(x)
+    n_rows, n_cols = x_rows.shape
+    cuda_launch(
+        "scaled_act_fwd", x.device,
+        x_rows, _flat(bias), y_rows, n_rows, n_cols, x.shape[1], channel_on_rows, x.dtype,
+        dtype_name(bias.dtype if bias is not None else None), act, coeff,
+    )
+    return y
+
+
+def _scaled_act_bwd_cuda(
+    dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float, need_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_scaled_act_bwd`` through the CUDA kernels of nfkernels._C (same outputs); dbias is
+    summed on the device from the kernel's partial sums, in a fixed order."""
+    from nfkernels import _backend
+
+    x, x_rows, channel_on_rows, dy_rows, dx, dx_rows = _bwd_buffers(dy, x)
+    n_rows, n_cols = x_rows.shape
+    n_channels = x.shape[1]
+    bias_grad = bias is not None and need_bias_grad
+    acc = _acc_dtype(x.dtype)
+    dbias = workspace = None
+    if bias_grad:
+        size = _backend.cuda_extension().scaled_act_bwd_workspace(
+            n_rows, n_cols, n_channels, channel_on_rows, dtype_name(x.dtype))
+        workspace = new_empty(size, device=x.device, dtype=acc)
+        dbias = new_empty(n_channels, device=x.device, dtype=acc)
+    cuda_launch(
+        "scaled_act_bwd", x.device,
+        # The kernels read dy in x's dtype, which autograd already gives (the cast is then a no-op).
+        dy_rows.to(x.dtype), x_rows, _flat(bias), dx_rows, dbias, workspace, n_rows, n_cols, n_channels,
+        channel_on_rows, x.dtype, dtype_name(bias.dtype if bias is not None else None), act, coeff,
+    )
+    return dx, (_dbias_result(dbias, bias) if bias_grad else dx.new_empty(0))
 
 
 _COMPILED = kernels_are_compiled(_scaled_act_fwd_kernel)
 scaled_act_fwd = define_op("scaled_act_fwd", _scaled_act_fwd, compiled=_COMPILED)
 scaled_act_bwd = define_op("scaled_act_bwd", _scaled_act_bwd, compiled=_COMPILED)
+scaled_act_fwd_cuda = define_cuda_op("scaled_act_fwd_cuda", _scaled_act_fwd_cuda)
+scaled_act_bwd_cuda = define_cuda_op("scaled_act_bwd_cuda", _scaled_act_bwd_cuda)
 
 
 def _setup_context(ctx, inputs, output):
@@ -381,21 +445,30 @@ def _setup_context(ctx, inputs, output):
     ctx.act, ctx.coeff = act, coeff
 
 
-def _backward(ctx, dy):
-    """dx = dy·coeff·f'(x + b_c), dbias_c = Σ over all dims but 1 of dx (module docstring)."""
-    x, bias = ctx.saved_tensors
-    need_bias_grad = bias is not None and ctx.needs_input_grad[1]
-    dx, dbias = scaled_act_bwd(dy, x, bias, ctx.act, ctx.coeff, need_bias_grad)
-    return dx, (dbias if need_bias_grad else None), None, None
+def _backward_through(bwd_op):
+    def backward(ctx, dy):
+        """dx = dy·coeff·f'(x + b_c), dbias_c = Σ over all dims but 1 of dx (module docstring)."""
+        x, bias = ctx.saved_tensors
+        need_bias_grad = bias is not None and ctx.needs_input_grad[1]
+        dx, dbias = bwd_op(dy, x, bias, ctx.act, ctx.coeff, need_bias_grad)
+        return dx, (dbias if need_bias_grad else None), None, None
+
+    return backward
 
 
-scaled_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+scaled_act_fwd.register_autograd(_backward_through(scaled_act_bwd), setup_context=_setup_context)
+scaled_act_fwd_cuda.register_autograd(_backward_through(scaled_act_bwd_cuda), setup_context=_setup_context)
 
 
 def scaled_act_triton(x, bias, act, gamma, scale):
     """The Triton path (``torch.ops.nfkernels.scaled_act_fwd``): y = gamma·scale·f(x + b_c),
     differentiable in x and bias; arguments validated by ``nfkernels.scaled_act``."""
     return scaled_act_fwd(x, bias, act, gamma * scale)
+
+
+def scaled_act_cuda(x, bias, act, gamma, scale):
+    """The CUDA path (``torch.ops.nfkernels.scaled_act_fwd_cuda``), as the Triton path."""
+    return scaled_act_fwd_cuda(x, bias, act, gamma * scale)
 
 
 _TORCH_ACTIVATIONS = {

@@ -23,17 +23,22 @@ Backward, with S1 = Σ_hw dout and S2 = Σ_hw dout·hb per (n, c):
 The bias and the pooling are fused into one reduction, the gate, scalars and residual into one
 streaming kernel; the MLP runs on (N, C) with torch matmuls. The backward reads dout twice and
 h once and writes dh once. dk is taken from u, never by dividing by k (k is 0 at init).
+
+Two kernel sets implement the four kernels (pooling, gate forward, backward reduction, backward
+streaming): the Triton ones below and the CUDA ones of csrc/se_gate.cu. The host-side math
+(the SE MLP and its gradients, coef) is shared; each set is registered as its own pair of ops
+(``se_gate_residual_fwd`` / ``_bwd`` and ``..._cuda``) with one autograd formula.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nfkernels.ops._library import define_op, kernels_are_compiled, launch
+from nfkernels.ops._library import cuda_launch, define_cuda_op, define_op, dtype_name, kernels_are_compiled, launch
 from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2
 
 # Elements of one (channels × hw) tile. The reductions loop over HW in such tiles; the streaming
@@ -288,6 +293,64 @@ def se_gate_triton_bwd(dout, coef, dpool_over_hw):
     return dh
 
 
+def _cuda_shape(h: torch.Tensor) -> tuple[int, int, int, bool]:
+    """(n, c, hw, channels_last) of a native-layout h for nfkernels._C (NCHW when both apply)."""
+    n, c, hh, ww = h.shape
+    return n, c, hh * ww, not h.is_contiguous()
+
+
+def _param_dtype(t: torch.Tensor | None) -> str:
+    return dtype_name(t.dtype if t is not None else None)
+
+
+def se_pool_cuda(h, bias):
+    """se_pool_triton through the CUDA kernel of nfkernels._C (csrc/se_gate.cu)."""
+    n, c = h.shape[:2]
+    pool = new_empty(n, c, device=h.device, dtype=_acc_dtype(h.dtype))
+    cuda_launch("se_pool", h.device, h, bias, pool, *_cuda_shape(h), h.dtype, _param_dtype(bias))
+    return pool
+
+
+def se_gate_cuda_fwd(h, shortcut, coef, bias, shortcut_bias):
+    """se_gate_triton_fwd through the CUDA kernel of nfkernels._C."""
+    out = new_empty_like(h)
+    cuda_launch("se_gate_fwd", h.device, h, shortcut, coef, bias, shortcut_bias, out, *_cuda_shape(h), h.dtype,
+                _param_dtype(bias), _param_dtype(shortcut_bias))
+    return out
+
+
+def se_gate_cuda_bwd_reduce(dout, h, bias):
+    """se_gate_triton_bwd_reduce through the CUDA kernel of nfkernels._C."""
+    n, c = h.shape[:2]
+    acc = _acc_dtype(h.dtype)
+    s1 = new_empty(n, c, device=h.device, dtype=acc)
+    s2 = new_empty(n, c, device=h.device, dtype=acc)
+    # The kernels read dout in h's dtype, which autograd already gives (the cast is then a no-op).
+    cuda_launch("se_gate_bwd_reduce", h.device, dout.to(h.dtype), h, bias, s1, s2, *_cuda_shape(h), h.dtype,
+                _param_dtype(bias))
+    return s1, s2
+
+
+def se_gate_cuda_bwd(dout, coef, dpool_over_hw):
+    """se_gate_triton_bwd through the CUDA kernel of nfkernels._C."""
+    dh = new_empty_like(dout)
+    cuda_launch("se_gate_bwd", dout.device, dout, coef, dpool_over_hw, dh, *_cuda_shape(dout), dout.dtype)
+    return dh
+
+
+class Kernels(NamedTuple):
+    """One implementation of the four kernels, as the host-side math calls them."""
+
+    pool: object
+    gate_fwd: object
+    bwd_reduce: object
+    bwd: object
+
+
+TRITON_KERNELS = Kernels(se_pool_triton, se_gate_triton_fwd, se_gate_triton_bwd_reduce, se_gate_triton_bwd)
+CUDA_KERNELS = Kernels(se_pool_cuda, se_gate_cuda_fwd, se_gate_cuda_bwd_reduce, se_gate_cuda_bwd)
+
+
 # ----------------------------------------------------------------------------- host-side math
 
 def _acc_matrix(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -300,7 +363,8 @@ def _acc_vector(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None
 
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.reshape(-1) if t is not None else None
+    """A per-channel parameter as a dense vector: the kernels index it by channel."""
+    return t.reshape(-1).contiguous() if t is not None else None
 
 
 def _sample_scale(n, mask, alpha, acc, device):
@@ -320,22 +384,20 @@ def _times_skip(t, skip, acc):
     return t * skip.reshape(()).to(acc) if skip is not None else t
 
 
-def _se_gate_residual_fwd(
-    h: torch.Tensor, shortcut: Optional[torch.Tensor], fc1_weight: Optional[torch.Tensor],
-    fc1_bias: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor], fc2_bias: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], shortcut_bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor], alpha: float, attn_gain: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward (module docstring). Returns (out in h's native layout, p, r, g), the last three
-    (N, C), (N, rd), (N, C) in the accumulation dtype for backward; empty (0,) without SE (an op
-    cannot return None)."""
+def _forward(
+    kernels: Kernels, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias, skip_gain, mask,
+    alpha, attn_gain,
+):
+    """Forward (module docstring) with ``kernels``. Returns (out in h's native layout, p, r, g),
+    the last three (N, C), (N, rd), (N, C) in the accumulation dtype for backward; empty (0,)
+    without SE (an op cannot return None)."""
     h = _native_layout(h)
     shortcut = _in_layout_of(shortcut, h) if shortcut is not None else None
     n, c = h.shape[:2]
     acc = _acc_dtype(h.dtype)
     bias = _flat(bias)
     if fc1_weight is not None:
-        pool = se_pool_triton(h, bias)
+        pool = kernels.pool(h, bias)
         # The gate is computed in acc precision even under autocast, which would recast fc1/fc2.
         with torch.autocast(h.device.type, enabled=False):
             hidden = torch.relu(F.linear(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc)))
@@ -345,25 +407,21 @@ def _se_gate_residual_fwd(
         pool, hidden, gate = (h.new_empty(0, dtype=acc) for _ in range(3))  # distinct: outputs may not alias
         u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, None)
     coef = _times_skip(u, skip_gain, acc).contiguous()
-    out = se_gate_triton_fwd(h, shortcut, coef, bias, _flat(shortcut_bias))
+    out = kernels.gate_fwd(h, shortcut, coef, bias, _flat(shortcut_bias))
     return out, pool, hidden, gate
 
 
-def _se_gate_residual_bwd(
-    dout: torch.Tensor, h: torch.Tensor, fc1_weight: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-    pool: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor, alpha: float, attn_gain: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
-    """Backward (module docstring). Returns (dh in h's native layout and dtype, dW1 (rd, C),
-    db1 (rd,), dW2 (C, rd), db2 (C,), dbias (C,), dshortcut_bias (C,), dskip ()), all but dh in
-    the accumulation dtype; the SE terms are empty (0,) without SE. The caller casts and
+def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, gate,
+                   alpha, attn_gain):
+    """Backward (module docstring) with ``kernels``. Returns (dh in h's native layout and dtype,
+    dW1 (rd, C), db1 (rd,), dW2 (C, rd), db2 (C,), dbias (C,), dshortcut_bias (C,), dskip ()), all
+    but dh in the accumulation dtype; the SE terms are empty (0,) without SE. The caller casts and
     reshapes them to the parameters' dtypes and shapes; dshortcut = dout needs no kernel."""
     h = _native_layout(h)
     n, c, hh, ww = h.shape
     acc = _acc_dtype(h.dtype)
     dout = _in_layout_of(dout, h)
-    s1, s2 = se_gate_triton_bwd_reduce(dout, h, _flat(bias))
+    s1, s2 = kernels.bwd_reduce(dout, h, _flat(bias))
     sample_scale = _sample_scale(n, mask, alpha, acc, h.device)
     has_se = fc1_weight is not None
     u = _unscaled_coef(sample_scale, c, attn_gain, gate if has_se else None)
@@ -376,16 +434,65 @@ def _se_gate_residual_bwd(
         dpool = da @ _acc_matrix(fc1_weight, acc)
         dw1, db1 = da.t() @ pool, da.sum(0)
         dw2, db2 = dz.t() @ hidden, dz.sum(0)
-    dh = se_gate_triton_bwd(dout, coef, dpool / (hh * ww) if dpool is not None else None)
+    dh = kernels.bwd(dout, coef, dpool / (hh * ww) if dpool is not None else None)
     dbias = (coef * s1).sum(0)
     if dpool is not None:
         dbias = dbias + dpool.sum(0)
     return dh, dw1, db1, dw2, db2, dbias, s1.sum(0), (s2 * u).sum()
 
 
+# The registered ops: explicit signatures (torch.library infers the schema from them), one per
+# kernel set.
+
+def _se_gate_residual_fwd(
+    h: torch.Tensor, shortcut: Optional[torch.Tensor], fc1_weight: Optional[torch.Tensor],
+    fc1_bias: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor], fc2_bias: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], shortcut_bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], alpha: float, attn_gain: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_forward with the Triton kernels."""
+    return _forward(TRITON_KERNELS, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
+                    skip_gain, mask, alpha, attn_gain)
+
+
+def _se_gate_residual_fwd_cuda(
+    h: torch.Tensor, shortcut: Optional[torch.Tensor], fc1_weight: Optional[torch.Tensor],
+    fc1_bias: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor], fc2_bias: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], shortcut_bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], alpha: float, attn_gain: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_forward with the CUDA kernels of nfkernels._C."""
+    return _forward(CUDA_KERNELS, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
+                    skip_gain, mask, alpha, attn_gain)
+
+
+def _se_gate_residual_bwd(
+    dout: torch.Tensor, h: torch.Tensor, fc1_weight: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+    pool: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor, alpha: float, attn_gain: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """_backward_math with the Triton kernels."""
+    return _backward_math(TRITON_KERNELS, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, gate,
+                          alpha, attn_gain)
+
+
+def _se_gate_residual_bwd_cuda(
+    dout: torch.Tensor, h: torch.Tensor, fc1_weight: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+    pool: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor, alpha: float, attn_gain: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """_backward_math with the CUDA kernels of nfkernels._C."""
+    return _backward_math(CUDA_KERNELS, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, gate,
+                          alpha, attn_gain)
+
+
 _COMPILED = kernels_are_compiled(_se_gate_fwd_kernel)
 se_gate_residual_fwd = define_op("se_gate_residual_fwd", _se_gate_residual_fwd, compiled=_COMPILED)
 se_gate_residual_bwd = define_op("se_gate_residual_bwd", _se_gate_residual_bwd, compiled=_COMPILED)
+se_gate_residual_fwd_cuda = define_cuda_op("se_gate_residual_fwd_cuda", _se_gate_residual_fwd_cuda)
+se_gate_residual_bwd_cuda = define_cuda_op("se_gate_residual_bwd_cuda", _se_gate_residual_bwd_cuda)
 
 
 def _setup_context(ctx, inputs, output):
@@ -402,17 +509,21 @@ def _as_param_grad(grad: torch.Tensor, meta) -> torch.Tensor | None:
     return grad.to(meta[1]).reshape(meta[0]) if meta is not None else None
 
 
-def _backward(ctx, dout, _dpool, _dhidden, _dgate):
-    """Gradients of every input but mask (not differentiated) and the scalars (module docstring)."""
-    h, w1, w2, bias, skip, mask, pool, hidden, gate = ctx.saved_tensors
-    dh, *param_grads = se_gate_residual_bwd(dout, h, w1, w2, bias, skip, mask, pool, hidden, gate,
-                                            ctx.alpha, ctx.attn_gain)
-    dw1, db1, dw2, db2, dbias, dsb, dskip = (_as_param_grad(g, m) for g, m in zip(param_grads, ctx.meta))
-    dshortcut = dout if ctx.needs_input_grad[1] else None  # the residual passes it through unchanged
-    return dh, dshortcut, dw1, db1, dw2, db2, dbias, dsb, dskip, None, None, None
+def _backward_through(bwd_op):
+    def backward(ctx, dout, _dpool, _dhidden, _dgate):
+        """Gradients of every input but mask (not differentiated) and the scalars (module docstring)."""
+        h, w1, w2, bias, skip, mask, pool, hidden, gate = ctx.saved_tensors
+        dh, *param_grads = bwd_op(dout, h, w1, w2, bias, skip, mask, pool, hidden, gate, ctx.alpha, ctx.attn_gain)
+        dw1, db1, dw2, db2, dbias, dsb, dskip = (_as_param_grad(g, m) for g, m in zip(param_grads, ctx.meta))
+        dshortcut = dout if ctx.needs_input_grad[1] else None  # the residual passes it through unchanged
+        return dh, dshortcut, dw1, db1, dw2, db2, dbias, dsb, dskip, None, None, None
+
+    return backward
 
 
-se_gate_residual_fwd.register_autograd(_backward, setup_context=_setup_context)
+se_gate_residual_fwd.register_autograd(_backward_through(se_gate_residual_bwd), setup_context=_setup_context)
+se_gate_residual_fwd_cuda.register_autograd(_backward_through(se_gate_residual_bwd_cuda),
+                                            setup_context=_setup_context)
 
 
 def se_gate_residual_triton(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
@@ -421,6 +532,13 @@ def se_gate_residual_triton(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_b
     ``nfkernels.se_gate_residual`` (validated there), N > 0."""
     return se_gate_residual_fwd(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
                                 skip_gain, mask, alpha, attn_gain)[0]
+
+
+def se_gate_residual_cuda(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
+                          skip_gain, mask, alpha, attn_gain):
+    """The CUDA path (``torch.ops.nfkernels.se_gate_residual_fwd_cuda``), as the Triton path."""
+    return se_gate_residual_fwd_cuda(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
+                                     skip_gain, mask, alpha, attn_gain)[0]
 
 
 def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,

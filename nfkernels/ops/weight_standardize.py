@@ -14,6 +14,10 @@ q_i = r_i²/N (timm), r_i² (deepmind, unclamped) or 0 (deepmind, clamped at eps
     dW_ij = s_i · (dŴ_ij − mean_j dŴ_ij − q_i · a_i · u_ij),     dg_i = s0_i · a_i
 
 (the timm form equals DESIGN.md §5's c·r·(dŴ − mean dŴ − x̂·mean(dŴ ⊙ x̂))).
+
+Two kernel sets run this math behind the same autograd formula: the Triton kernels below
+(``torch.ops.nfkernels.weight_standardize_fwd`` / ``_bwd``) and the CUDA kernels of
+csrc/weight_standardize.cu (``..._fwd_cuda`` / ``..._bwd_cuda``); both save (μ, s0, q) per row.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nfkernels.ops._library import define_op, kernels_are_compiled, launch
+from nfkernels.ops._library import cuda_launch, define_cuda_op, define_op, kernels_are_compiled, launch
 from nfkernels.ops._utils import contiguous_dim0_rows, new_empty, new_empty_like, next_power_of_2
 
 # Rows up to this many elements stay in registers (one read of W); longer rows are streamed in
@@ -155,26 +159,52 @@ def _gamma_scaled(gamma: float, n: int, deepmind: bool) -> float:
     return gamma if deepmind else gamma / math.sqrt(n)
 
 
+def _fwd_buffers(weight: torch.Tensor, out_dtype: Optional[torch.dtype]):
+    """(weight or a contiguous copy, its rows, Ŵ, Ŵ's rows, μ, s0, q): the forward's outputs,
+    allocated by the same code for every kernel set and for fake tensors."""
+    weight, rows = contiguous_dim0_rows(weight)
+    # Same strides as weight, so its row view lines up; the kernel stores in out's dtype.
+    out = new_empty_like(weight, dtype=out_dtype or weight.dtype)
+    out_rows = contiguous_dim0_rows(out)[1]
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    mean, s0, q = (new_empty(rows.shape[0], device=weight.device, dtype=acc_dtype) for _ in range(3))
+    return weight, rows, out, out_rows, mean, s0, q
+
+
+def _bwd_buffers(dout: torch.Tensor, weight: torch.Tensor, gain: Optional[torch.Tensor], acc_dtype: torch.dtype):
+    """(weight's rows, dout's rows, dW, dW's rows, dgain or None): the backward's operands in
+    weight's memory order and its outputs."""
+    weight, rows = contiguous_dim0_rows(weight)
+    # dout must share weight's memory order so that row j of both holds the same elements.
+    if dout.stride() != weight.stride():
+        dout = torch.empty_like(weight, dtype=dout.dtype).copy_(dout)
+    dout_rows = contiguous_dim0_rows(dout)[1]
+    dw = new_empty_like(weight)
+    dw_rows = contiguous_dim0_rows(dw)[1]
+    dgain = new_empty(rows.shape[0], device=weight.device, dtype=acc_dtype) if gain is not None else None
+    return rows, dout_rows, dw, dw_rows, dgain
+
+
+def _dgain_result(dgain: Optional[torch.Tensor], gain: Optional[torch.Tensor], dw: torch.Tensor) -> torch.Tensor:
+    """dgain in gain's shape and dtype, or an empty tensor without a gain (an op cannot return None)."""
+    return dgain.to(gain.dtype).view(gain.shape) if gain is not None else dw.new_empty(0)
+
+
 def _weight_standardize_fwd(
     weight: torch.Tensor, gain: Optional[torch.Tensor], gamma: float, eps: float, deepmind: bool,
     out_dtype: Optional[torch.dtype],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns (Ŵ laid out like ``weight`` in ``out_dtype`` (None:
     weight's dtype), μ, s0, q), the last three per row in the accumulation dtype for backward."""
-    weight, rows = contiguous_dim0_rows(weight)
-    # Same strides as weight, so its row view lines up; the kernel stores in out's dtype.
-    out = new_empty_like(weight, dtype=out_dtype or weight.dtype)
-    out_rows = contiguous_dim0_rows(out)[1]
+    weight, rows, out, out_rows, mean, s0, q = _fwd_buffers(weight, out_dtype)
     n_rows, n = rows.shape
-    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    mean, s0, q = (new_empty(n_rows, device=weight.device, dtype=acc_dtype) for _ in range(3))
     block, one_tile, num_warps = _block_config(n)
     launch(
         _weight_standardize_fwd_kernel, (n_rows,),
         rows, gain.reshape(-1) if gain is not None else rows, out_rows, mean, s0, q,
         n, _gamma_scaled(gamma, n, deepmind), eps,
         HAS_GAIN=gain is not None, DEEPMIND=deepmind,
-        ACC_FP64=acc_dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile, num_warps=num_warps,
+        ACC_FP64=mean.dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile, num_warps=num_warps,
     )
     return out, mean, s0, q
 
@@ -185,16 +215,9 @@ def _weight_standardize_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel. Returns (dW laid out like ``weight`` in weight's dtype, dgain in
     gain's shape and dtype, or an empty tensor without a gain: an op cannot return None)."""
-    weight, rows = contiguous_dim0_rows(weight)
-    # dout must share weight's memory order so that row j of both holds the same elements.
-    if dout.stride() != weight.stride():
-        dout = torch.empty_like(weight, dtype=dout.dtype).copy_(dout)
-    dout_rows = contiguous_dim0_rows(dout)[1]
-    dw = new_empty_like(weight)
-    dw_rows = contiguous_dim0_rows(dw)[1]
+    rows, dout_rows, dw, dw_rows, dgain = _bwd_buffers(dout, weight, gain, mean.dtype)
     n_rows, n = rows.shape
     has_gain = gain is not None
-    dgain = new_empty(n_rows if has_gain else 0, device=weight.device, dtype=mean.dtype)
     block, one_tile, num_warps = _block_config(n)
     launch(
         _weight_standardize_bwd_kernel, (n_rows,),
@@ -203,12 +226,48 @@ def _weight_standardize_bwd(
         HAS_GAIN=has_gain, ACC_FP64=mean.dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile,
         num_warps=num_warps,
     )
-    return dw, (dgain.to(gain.dtype).view(gain.shape) if has_gain else dgain)
+    return dw, _dgain_result(dgain, gain, dw)
+
+
+def _flat(gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """gain as a dense vector: the CUDA kernels index it by row."""
+    return gain.reshape(-1).contiguous() if gain is not None else None
+
+
+def _weight_standardize_fwd_cuda(
+    weight: torch.Tensor, gain: Optional[torch.Tensor], gamma: float, eps: float, deepmind: bool,
+    out_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_weight_standardize_fwd`` through the CUDA kernel of nfkernels._C (same outputs)."""
+    weight, rows, out, out_rows, mean, s0, q = _fwd_buffers(weight, out_dtype)
+    n_rows, n = rows.shape
+    cuda_launch(
+        "weight_standardize_fwd", weight.device,
+        rows, _flat(gain), out_rows, mean, s0, q, n_rows, n, weight.dtype, out.dtype,
+        _gamma_scaled(gamma, n, deepmind), eps, deepmind,
+    )
+    return out, mean, s0, q
+
+
+def _weight_standardize_bwd_cuda(
+    dout: torch.Tensor, weight: torch.Tensor, gain: Optional[torch.Tensor], mean: torch.Tensor,
+    s0: torch.Tensor, q: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_weight_standardize_bwd`` through the CUDA kernel of nfkernels._C (same outputs)."""
+    rows, dout_rows, dw, dw_rows, dgain = _bwd_buffers(dout, weight, gain, mean.dtype)
+    n_rows, n = rows.shape
+    cuda_launch(
+        "weight_standardize_bwd", weight.device,
+        dout_rows, rows, _flat(gain), mean, s0, q, dw_rows, dgain, n_rows, n, dout_rows.dtype, rows.dtype,
+    )
+    return dw, _dgain_result(dgain, gain, dw)
 
 
 _COMPILED = kernels_are_compiled(_weight_standardize_fwd_kernel)
 weight_standardize_fwd = define_op("weight_standardize_fwd", _weight_standardize_fwd, compiled=_COMPILED)
 weight_standardize_bwd = define_op("weight_standardize_bwd", _weight_standardize_bwd, compiled=_COMPILED)
+weight_standardize_fwd_cuda = define_cuda_op("weight_standardize_fwd_cuda", _weight_standardize_fwd_cuda)
+weight_standardize_bwd_cuda = define_cuda_op("weight_standardize_bwd_cuda", _weight_standardize_bwd_cuda)
 
 
 def _setup_context(ctx, inputs, output):
@@ -218,20 +277,30 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(weight, gain, mean, s0, q)
 
 
-def _backward(ctx, dout, _dmean, _ds0, _dq):
-    """dW = s·(dŴ − mean(dŴ) − q·a·u), dg = s0·a (module docstring); none for the constants."""
-    weight, gain, mean, s0, q = ctx.saved_tensors
-    dw, dgain = weight_standardize_bwd(dout, weight, gain, mean, s0, q)
-    return dw, (dgain if gain is not None else None), None, None, None, None
+def _backward_through(bwd_op):
+    def backward(ctx, dout, _dmean, _ds0, _dq):
+        """dW = s·(dŴ − mean(dŴ) − q·a·u), dg = s0·a (module docstring); none for the constants."""
+        weight, gain, mean, s0, q = ctx.saved_tensors
+        dw, dgain = bwd_op(dout, weight, gain, mean, s0, q)
+        return dw, (dgain if gain is not None else None), None, None, None, None
+
+    return backward
 
 
-weight_standardize_fwd.register_autograd(_backward, setup_context=_setup_context)
+weight_standardize_fwd.register_autograd(_backward_through(weight_standardize_bwd), setup_context=_setup_context)
+weight_standardize_fwd_cuda.register_autograd(_backward_through(weight_standardize_bwd_cuda),
+                                              setup_context=_setup_context)
 
 
 def weight_standardize_triton(weight, gain, gamma, eps, deepmind, out_dtype=None):
     """The Triton path (``torch.ops.nfkernels.weight_standardize_fwd``), differentiable in weight
     and gain; arguments validated by ``nfkernels.weight_standardize``."""
     return weight_standardize_fwd(weight, gain, gamma, eps, deepmind, out_dtype)[0]
+
+
+def weight_standardize_cuda(weight, gain, gamma, eps, deepmind, out_dtype=None):
+    """The CUDA path (``torch.ops.nfkernels.weight_standardize_fwd_cuda``), as the Triton path."""
+    return weight_standardize_fwd_cuda(weight, gain, gamma, eps, deepmind, out_dtype)[0]
 
 
 def weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype=None):
