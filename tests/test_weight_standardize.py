@@ -17,6 +17,8 @@ SHAPES = {
     "conv1x1_127": (127, 16, 1, 1),
     "grouped3x3": (32, 8, 3, 3),
     "single_unit": (1, 5, 3, 3),
+    "fan_in_1_conv": (4, 1, 1, 1),   # N == 1: the compiled kernels see N as a constant
+    "fan_in_1_linear": (3, 1),
 }
 
 
@@ -134,6 +136,7 @@ def test_non_contiguous_weight_and_grad(backend):
     w, gain, dout = make_inputs((8, 12, 3, 3), torch.float64, with_gain=True, seed=9)
     w_view = w[:, ::2]  # no dense row view: the op copies, the result is still right
     dout_t = dout[:, ::2].transpose(2, 3).contiguous().transpose(2, 3)  # grad in another layout
+    gain = torch.stack([gain, -gain], dim=1).reshape(-1, 1, 1, 1)[::2]  # strided gain: read with its stride
     out, dw, dg = run_and_grad(w_view, gain, dout_t, backend)
     ref, ref_dw, ref_dg = reference_and_grad(w_view, gain, dout_t, 1.0, 1e-5, "timm")
     tol = tolerance(torch.float64, backend)
@@ -182,11 +185,15 @@ def test_no_grad_path(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_weight(backend):
-    w = torch.empty(0, 3, 3, 3, device=DEVICE)
+@pytest.mark.parametrize("shape", [(0, 3, 3, 3), (4, 0, 3, 3)])
+def test_empty_weight(backend, shape):
+    w = torch.empty(shape, device=DEVICE, requires_grad=True)
+    gain = torch.ones(shape[0], 1, 1, 1, device=DEVICE, requires_grad=True)
     with nfk.use_backend(backend):
-        out = nfk.weight_standardize(w, torch.empty(0, 1, 1, 1, device=DEVICE))
-    assert out.shape == w.shape
+        out = nfk.weight_standardize(w, gain)
+    assert out.shape == w.shape and out.dtype == w.dtype
+    out.sum().backward()
+    assert w.grad.shape == w.shape
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")

@@ -345,7 +345,7 @@ def _scaled_act_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coe
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k))
     launch(
         _scaled_act_fwd_kernel, grid,
-        x_rows, bias.reshape(-1) if bias is not None else x_rows, y_rows,
+        x_rows, _flat(bias) if bias is not None else x_rows, y_rows,
         n_rows, n_cols, x.shape[1], coeff,
         ACT=act, HAS_BIAS=bias is not None, CHANNEL_ON_ROWS=channel_on_rows,
         ACC_FP64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
@@ -365,7 +365,7 @@ def _scaled_act_bwd(
     row_blocks, col_blocks = triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k)
     bias_grad = bias is not None and need_bias_grad
     # Only the column-channel dbias needs programs to span several row tiles (fewer partials).
-    row_tiles = triton.cdiv(row_blocks, MAX_ROW_GROUPS) if bias_grad and not channel_on_rows else 1
+    row_tiles = max(1, triton.cdiv(row_blocks, MAX_ROW_GROUPS)) if bias_grad and not channel_on_rows else 1
     row_groups = triton.cdiv(row_blocks, row_tiles)
     partial = None
     if bias_grad:
@@ -373,7 +373,7 @@ def _scaled_act_bwd(
         partial = new_empty(shape, device=x.device, dtype=_acc_dtype(x.dtype))
     launch(
         _scaled_act_bwd_kernel, (row_groups, col_blocks),
-        dy_rows, x_rows, bias.reshape(-1) if bias is not None else x_rows, dx_rows,
+        dy_rows, x_rows, _flat(bias) if bias is not None else x_rows, dx_rows,
         partial if bias_grad else dx_rows,
         n_rows, n_cols, n_channels, coeff, row_tiles,
         ACT=act, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, CHANNEL_ON_ROWS=channel_on_rows,

@@ -80,6 +80,19 @@ def _se_pool_fwd_kernel(
 
 
 @triton.jit
+def _stream_tile(C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(sample, channel indices, hw indices) of this program's tile. The grid is one flat axis of
+    N·cdiv(C, BLOCK_C)·cdiv(HW, BLOCK_HW) programs, hw fastest: CUDA caps grid axes 1 and 2 at
+    65535, which large batches, channel counts or images would pass."""
+    pid = tl.program_id(0).to(tl.int64)
+    hw_blocks = tl.cdiv(HW, BLOCK_HW)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    hw = (pid % hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW).to(tl.int64)
+    cs = ((pid // hw_blocks) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    return pid // (hw_blocks * c_blocks), cs, hw
+
+
+@triton.jit
 def _se_gate_fwd_kernel(
     h_ptr, shortcut_ptr, coef_ptr, bias_ptr, sbias_ptr, out_ptr,
     C, HW, stride_n, stride_c, stride_hw,
@@ -92,12 +105,10 @@ def _se_gate_fwd_kernel(
     coef = α·k·m_n·attn_gain·sigmoid(z) (or α·k·m_n without SE) comes precomputed per (n, c).
     Derivative: ds = dout, dh = dout·coef (+ the pooling path, see the module docstring). Source:
     timm NormFreeBlock ``out = attn_gain·attn_last(out); drop_path; ·skipinit_gain; ·alpha +
-    shortcut``. Grid (cdiv(HW, BLOCK_HW), cdiv(C, BLOCK_C), N); h, s and out share strides.
+    shortcut``. One program per tile (``_stream_tile``); h, s and out share strides.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    n = tl.program_id(2).to(tl.int64)
-    cs = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    hw = tl.program_id(0).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW).to(tl.int64)
+    n, cs, hw = _stream_tile(C, HW, BLOCK_C, BLOCK_HW)
     c_mask = cs < C
     m = c_mask[:, None] & (hw < HW)[None, :]
     offs = n * stride_n + cs[:, None] * stride_c + hw[None, :] * stride_hw
@@ -157,12 +168,10 @@ def _se_gate_bwd_kernel(
     """dh = dout·coef_{n,c} + dp_{n,c}/HW on one (channels × hw) tile of one sample.
 
     The first term is the gated path, the second the pooling path into the SE (absent without
-    SE); dpool_ptr holds dp/HW already. Grid and strides as in ``_se_gate_fwd_kernel``.
+    SE); dpool_ptr holds dp/HW already. Tiles and strides as in ``_se_gate_fwd_kernel``.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    n = tl.program_id(2).to(tl.int64)
-    cs = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    hw = tl.program_id(0).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW).to(tl.int64)
+    n, cs, hw = _stream_tile(C, HW, BLOCK_C, BLOCK_HW)
     c_mask = cs < C
     m = c_mask[:, None] & (hw < HW)[None, :]
     offs = n * stride_n + cs[:, None] * stride_c + hw[None, :] * stride_hw
@@ -248,7 +257,7 @@ def se_gate_triton_fwd(h, shortcut, coef, bias, shortcut_bias):
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, STREAM_TILE)
     dummy = coef  # never dereferenced when the matching constexpr flag is off
     launch(
-        _se_gate_fwd_kernel, (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n),
+        _se_gate_fwd_kernel, (triton.cdiv(hw, block_hw) * triton.cdiv(c, block_c) * n,),
         h, shortcut if shortcut is not None else dummy, coef, bias if bias is not None else dummy,
         shortcut_bias if shortcut_bias is not None else dummy, out,
         c, hw, stride_n, stride_c, stride_hw,
@@ -284,7 +293,7 @@ def se_gate_triton_bwd(dout, coef, dpool_over_hw):
     stride_n, stride_c, stride_hw = _strides(dout)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, STREAM_TILE)
     launch(
-        _se_gate_bwd_kernel, (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n),
+        _se_gate_bwd_kernel, (triton.cdiv(hw, block_hw) * triton.cdiv(c, block_c) * n,),
         dout, coef, dpool_over_hw if dpool_over_hw is not None else coef, dh,
         c, hw, stride_n, stride_c, stride_hw,
         HAS_DPOOL=dpool_over_hw is not None, ACC_FP64=coef.dtype == torch.float64,

@@ -53,7 +53,7 @@ def _weight_standardize_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = row * N
     cols = tl.arange(0, BLOCK)
-    n_total = N.to(acc_dtype)
+    n_total = tl.cast(N, acc_dtype)  # N.to() would fail where the JIT specializes N == 1 to a constant
     if ONE_TILE:
         mask = cols < N
         x = tl.load(w_ptr + base + cols, mask=mask, other=0.0).to(acc_dtype)
@@ -114,7 +114,7 @@ def _weight_standardize_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = row * N
     cols = tl.arange(0, BLOCK)
-    n_total = N.to(acc_dtype)
+    n_total = tl.cast(N, acc_dtype)  # N.to() would fail where the JIT specializes N == 1 to a constant
     mean = tl.load(mean_ptr + row)
     s0 = tl.load(s0_ptr + row)
     q = tl.load(q_ptr + row)
@@ -201,7 +201,7 @@ def _weight_standardize_fwd(
     block, one_tile, num_warps = _block_config(n)
     launch(
         _weight_standardize_fwd_kernel, (n_rows,),
-        rows, gain.reshape(-1) if gain is not None else rows, out_rows, mean, s0, q,
+        rows, _flat(gain) if gain is not None else rows, out_rows, mean, s0, q,
         n, _gamma_scaled(gamma, n, deepmind), eps,
         HAS_GAIN=gain is not None, DEEPMIND=deepmind,
         ACC_FP64=mean.dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile, num_warps=num_warps,
@@ -221,7 +221,7 @@ def _weight_standardize_bwd(
     block, one_tile, num_warps = _block_config(n)
     launch(
         _weight_standardize_bwd_kernel, (n_rows,),
-        dout_rows, rows, gain.reshape(-1) if has_gain else rows, mean, s0, q, dw_rows, dgain if has_gain else mean,
+        dout_rows, rows, _flat(gain) if has_gain else rows, mean, s0, q, dw_rows, dgain if has_gain else mean,
         n,
         HAS_GAIN=has_gain, ACC_FP64=mean.dtype == torch.float64, BLOCK=block, ONE_TILE=one_tile,
         num_warps=num_warps,
