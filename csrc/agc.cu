@@ -8,8 +8,8 @@ namespace {
 // unit is not written. The second read of G_i hits L1/L2 (a unit is at most tens of KB).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) agc_kernel(T* __restrict__ grad, const T* __restrict__ weight,
-                                                       const int64_t* __restrict__ table, float clip_factor,
-                                                       float eps) {
+                                                       const int64_t* __restrict__ table, double clip_factor,
+                                                       double eps) {
   using Acc = typename AccType<T>::type;
   const int64_t* entry = table + static_cast<int64_t>(blockIdx.x) * 3;
   T* g = grad + entry[0];
@@ -28,8 +28,8 @@ __global__ void __launch_bounds__(kThreads) agc_kernel(T* __restrict__ grad, con
 }
 
 template <typename T>
-cudaError_t launch(void* grad, const void* weight, const int64_t* table, int64_t n_units, float clip_factor,
-                   float eps, cudaStream_t stream) {
+cudaError_t launch(void* grad, const void* weight, const int64_t* table, int64_t n_units, double clip_factor,
+                   double eps, cudaStream_t stream) {
   agc_kernel<T><<<static_cast<unsigned>(n_units), kThreads, 0, stream>>>(
       static_cast<T*>(grad), static_cast<const T*>(weight), table, clip_factor, eps);
   return cudaGetLastError();
@@ -38,7 +38,7 @@ cudaError_t launch(void* grad, const void* weight, const int64_t* table, int64_t
 }  // namespace
 
 cudaError_t agc(DType dtype, void* grad, const void* weight, const int64_t* table, int64_t n_units,
-                float clip_factor, float eps, cudaStream_t stream) {
+                double clip_factor, double eps, cudaStream_t stream) {
   if (n_units <= 0) return cudaSuccess;
   if (n_units > 0x7fffffff) return cudaErrorInvalidConfiguration;
   switch (dtype) {

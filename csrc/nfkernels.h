@@ -16,17 +16,20 @@ enum class DType { kFloat16, kBFloat16, kFloat32, kFloat64 };
 // ||W||* = max(||W||, eps); unless ||G|| < clip_factor ||W||*,
 // G <- G * clip_factor ||W||* / max(||G||, 1e-6). Norms accumulate in fp32 (fp64 for fp64).
 cudaError_t agc(DType dtype, void* grad, const void* weight, const int64_t* table, int64_t n_units,
-                float clip_factor, float eps, cudaStream_t stream);
+                double clip_factor, double eps, cudaStream_t stream);
 
+// Scalars are double so fp64 parameters keep fp64 hyper-parameters; kernels of other dtypes
+// round them once to their accumulation type.
 struct SgdAgcOptions {
-  float lr, momentum, weight_decay, clip_factor, eps;
-  bool clip, has_momentum, first_step, nesterov;
+  double lr, momentum, weight_decay, clip_factor, eps;
+  bool clip, has_momentum, nesterov;
 };
 
 // SGD (torch.optim.SGD semantics, no dampening) with AGC, one pass per unit row. `table`
 // (device, n_rows x 4 int64): param, grad, momentum-buffer offsets and the row length. Per row:
-// g <- s g (s the AGC factor when clip); g <- g + wd p; buf <- m buf + g (buf <- g on the first
-// step); nesterov: g <- g + m buf, else g <- buf; p <- p - lr g. buf is unused without momentum.
+// g <- s g (s the AGC factor when clip); g <- g + wd p; buf <- m buf + g (the caller zero-fills
+// buf before the first step, so that is buf <- g); nesterov: g <- g + m buf, else g <- buf;
+// p <- p - lr g. buf is unused without momentum.
 cudaError_t sgd_agc(DType dtype, void* param, const void* grad, void* momentum_buffer, const int64_t* table,
                     int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream);
 

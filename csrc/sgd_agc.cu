@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) sgd_agc_kernel(T* __restrict__ param
     Acc d = to_acc(g[k]) * scale;
     if (weight_decay != Acc(0)) d += weight_decay * pk;
     if (o.has_momentum) {
-      const Acc b = o.first_step ? d : momentum * to_acc(buf[k]) + d;
+      const Acc b = momentum * to_acc(buf[k]) + d;
       buf[k] = from_acc<T>(b);
       d = o.nesterov ? d + momentum * b : b;
     }

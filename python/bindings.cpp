@@ -126,7 +126,7 @@ PYBIND11_MODULE(_C, m) {
         use_device("agc", device);
         const nfk::DType type = parse_dtype("agc", dtype);
         check(nfk::agc(type, ptr<void>(grad), ptr<const void>(weight), ptr<const std::int64_t>(table), n_units,
-                       static_cast<float>(clip_factor), static_cast<float>(eps), ptr<CUstream_st>(stream)),
+                       clip_factor, eps, ptr<CUstream_st>(stream)),
               "agc");
       },
       py::arg("grad"), py::arg("weight"), py::arg("table"), py::arg("n_units"), py::arg("dtype"),
@@ -138,20 +138,18 @@ PYBIND11_MODULE(_C, m) {
       "sgd_agc",
       [](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t momentum_buffer, std::uintptr_t table,
          std::int64_t n_rows, const std::string& dtype, double lr, double momentum, double weight_decay,
-         double clip_factor, double eps, bool clip, bool has_momentum, bool first_step, bool nesterov, int device,
+         double clip_factor, double eps, bool clip, bool has_momentum, bool nesterov, int device,
          std::uintptr_t stream) {
         use_device("sgd_agc", device);
         const nfk::DType type = parse_dtype("sgd_agc", dtype);
-        const nfk::SgdAgcOptions options{static_cast<float>(lr), static_cast<float>(momentum),
-                                         static_cast<float>(weight_decay), static_cast<float>(clip_factor),
-                                         static_cast<float>(eps), clip, has_momentum, first_step, nesterov};
+        const nfk::SgdAgcOptions options{lr, momentum, weight_decay, clip_factor, eps, clip, has_momentum, nesterov};
         check(nfk::sgd_agc(type, ptr<void>(param), ptr<const void>(grad), ptr<void>(momentum_buffer),
                            ptr<const std::int64_t>(table), n_rows, options, ptr<CUstream_st>(stream)),
               "sgd_agc");
       },
       py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("table"), py::arg("n_rows"),
       py::arg("dtype"), py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("clip_factor"),
-      py::arg("eps"), py::arg("clip"), py::arg("has_momentum"), py::arg("first_step"), py::arg("nesterov"),
+      py::arg("eps"), py::arg("clip"), py::arg("has_momentum"), py::arg("nesterov"),
       py::arg("device"), py::arg("stream"),
       "SGD (nesterov optional) with AGC over a (n_rows, 4) int64 table (param, grad, buffer offsets,\n"
       "length), updating param and momentum_buffer in one launch on `stream` of `device`.");

@@ -51,7 +51,7 @@ def test_call_without_device_raises_clear_error():
     with pytest.raises(RuntimeError, match="no CUDA device"):
         _C.agc(0, 0, 0, 1, "float32", 0.01, 1e-3, 0, 0)
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _C.sgd_agc(0, 0, 0, 0, 1, "float32", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, False, True, 0, 0)
+        _C.sgd_agc(0, 0, 0, 0, 1, "float32", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0)
     p = torch.nn.Parameter(torch.randn(3, 2))
     p.grad = torch.randn(3, 2)
     with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"), nfk.use_backend("cuda"):

@@ -26,7 +26,7 @@ def _sgd_agc_kernel(
     p_ptr, g_ptr, buf_ptr, table_ptr,
     lr: tl.float64, momentum: tl.float64, weight_decay: tl.float64, clip_factor: tl.float64, eps: tl.float64,
     CLIP: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-    FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
+    NESTEROV: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program updates one unit row: AGC factor from ‖W_i‖, ‖G_i‖, then the SGD step.
 
@@ -68,10 +68,7 @@ def _sgd_agc_kernel(
         if HAS_WEIGHT_DECAY:
             d += weight_decay * p
         if HAS_MOMENTUM:
-            if FIRST_STEP:
-                buf = d
-            else:
-                buf = momentum * tl.load(buf_ptr + buf_start + start + cols, mask=mask, other=0.0).to(acc_dtype) + d
+            buf = momentum * tl.load(buf_ptr + buf_start + start + cols, mask=mask, other=0.0).to(acc_dtype) + d
             tl.store(buf_ptr + buf_start + start + cols, buf.to(buf_ptr.dtype.element_ty), mask=mask)
             if NESTEROV:
                 d = d + momentum * buf
@@ -81,7 +78,7 @@ def _sgd_agc_kernel(
 
 
 def sgd_agc_fused(backend, p_rows, g_rows, buf_rows, *, lr, momentum, weight_decay, nesterov, clip,
-                  clip_factor, eps, first_step):
+                  clip_factor, eps):
     """One launch over all rows. Lists of unit-row views sharing device, dtype and layout pairwise
     (row k of p_rows[i], g_rows[i] and buf_rows[i] hold the same elements); without momentum
     ``buf_rows`` is ``p_rows`` and is never written."""
@@ -93,7 +90,7 @@ def sgd_agc_fused(backend, p_rows, g_rows, buf_rows, *, lr, momentum, weight_dec
             _sgd_agc_kernel[(entry.n_rows,)](
                 p0, g0, b0, entry.table, lr, momentum, weight_decay, clip_factor, eps,
                 CLIP=clip, HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
-                FIRST_STEP=first_step, NESTEROV=nesterov, ACC_FP64=p0.dtype == torch.float64,
+                NESTEROV=nesterov, ACC_FP64=p0.dtype == torch.float64,
                 BLOCK=block_size(entry.max_len), num_warps=4,
             )
         return
@@ -102,14 +99,14 @@ def sgd_agc_fused(backend, p_rows, g_rows, buf_rows, *, lr, momentum, weight_dec
     _backend.cuda_extension().sgd_agc(
         p0.data_ptr(), g0.data_ptr(), b0.data_ptr(), entry.table.data_ptr(), entry.n_rows,
         str(p0.dtype).replace("torch.", ""), lr, momentum, weight_decay, clip_factor, eps,
-        clip, has_momentum, first_step, nesterov,
+        clip, has_momentum, nesterov,
         p0.device.index, torch.cuda.current_stream(p0.device).cuda_stream,
     )
 
 
-def sgd_agc_torch(param, grad, buf, *, lr, momentum, weight_decay, nesterov, clip, clip_factor, eps, first_step):
+def sgd_agc_torch(param, grad, buf, *, lr, momentum, weight_decay, nesterov, clip, clip_factor, eps):
     """Plain PyTorch reference for one parameter (the CPU path), in place on ``param`` and on
-    ``buf`` (the momentum buffer, overwritten on the first step; None without momentum)."""
+    ``buf`` (the momentum buffer, zero before the first step; None without momentum)."""
     acc = acc_dtype_for(param.dtype)
     p = param.to(acc)
     d = grad.to(acc)
@@ -118,7 +115,7 @@ def sgd_agc_torch(param, grad, buf, *, lr, momentum, weight_decay, nesterov, cli
     if weight_decay != 0:
         d = d + weight_decay * p
     if momentum != 0:
-        new_buf = d if first_step else momentum * buf.to(acc) + d
+        new_buf = momentum * buf.to(acc) + d
         buf.copy_(new_buf)
         d = d + momentum * new_buf if nesterov else new_buf
     param.copy_(p - lr * d)

@@ -87,9 +87,10 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
                 clip = False
             state = self.state[p]
             buf = state.get("momentum_buffer") if hyper["momentum"] != 0 else None
-            first_step = hyper["momentum"] != 0 and buf is None
-            if first_step:
-                buf = torch.empty_like(p)
+            if hyper["momentum"] != 0 and buf is None:
+                # Zero-filled, m·0 + g = g is torch's first-step rule, and every step runs the same
+                # kernel (a capture after one eager step compiles nothing new).
+                buf = torch.zeros_like(p)
                 state["momentum_buffer"] = buf
             elif buf is not None:
                 buf = _aligned_buffer(name, p, buf, state)
@@ -99,22 +100,22 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
             backend = _backend.resolve(OP, w.device, supported=AGC_BACKENDS)
             p_rows = _agc.unit_rows(w)
             if backend == "torch" or p_rows is None:
-                unfused.append((w, g, buf_local, clip, first_step))
+                unfused.append((w, g, buf_local, clip))
                 continue
             if g.stride() != w.stride():  # element k of each row must be the same element of p and g
                 g = torch.empty_like(w).copy_(g)
             b_rows = _agc.unit_rows(buf_local) if buf_local is not None else p_rows
-            key = (backend, clip, first_step) + _agc.group_key(p_rows) + _agc.group_key(g)[2:] + _agc.group_key(b_rows)[2:]
+            key = (backend, clip) + _agc.group_key(p_rows) + _agc.group_key(g)[2:] + _agc.group_key(b_rows)[2:]
             ps, gs, bs = buckets.setdefault(key, ([], [], []))
             ps.append(p_rows)
             gs.append(_agc.unit_rows(g))
             bs.append(b_rows)
         if sharded.items:  # before any update: these units' norms need the other ranks' shards
             sharded.clip_(group["clip_factor"], group["eps"])
-        for w, g, buf, clip, first_step in unfused:
-            _ops.sgd_agc_torch(w, g, buf, clip=clip, first_step=first_step, **hyper)
-        for (backend, clip, first_step, *_), (ps, gs, bs) in buckets.items():
-            _ops.sgd_agc_fused(backend, ps, gs, bs, clip=clip, first_step=first_step, **hyper)
+        for w, g, buf, clip in unfused:
+            _ops.sgd_agc_torch(w, g, buf, clip=clip, **hyper)
+        for (backend, clip, *_), (ps, gs, bs) in buckets.items():
+            _ops.sgd_agc_fused(backend, ps, gs, bs, clip=clip, **hyper)
 
 
 def _aligned_buffer(name: str, p: torch.Tensor, buf: torch.Tensor, state: dict) -> torch.Tensor:
