@@ -25,6 +25,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -309,6 +310,16 @@ def weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype=None)
     dims = tuple(range(1, weight.dim()))
     n = math.prod(weight.shape[1:])
     w = weight if weight.dtype == torch.float64 else weight.float()
+    if not deepmind and n > 1 and weight.is_contiguous():
+        # timm's own formulation: batch norm over the (1, O, N) view is one fused kernel each way
+        # (about 3x faster on a CPU than the composition below); it needs N > 1 and keeps layout
+        # only for contiguous weights.
+        affine = torch.full((weight.shape[0],), gamma / math.sqrt(n), dtype=w.dtype, device=w.device)
+        if gain is not None:
+            affine = affine * gain.reshape(-1).to(w.dtype)
+        out = F.batch_norm(w.reshape(1, weight.shape[0], n), None, None, weight=affine, training=True,
+                           momentum=0.0, eps=eps)
+        return out.reshape(weight.shape).to(out_dtype or weight.dtype)
     var, mean = torch.var_mean(w, dim=dims, unbiased=False, keepdim=True)
     if deepmind:
         scale = gamma * torch.rsqrt(torch.clamp_min(n * var, eps))
