@@ -114,3 +114,22 @@ def test_deepmind_flavor_uses_official_numerics(reference):
     # Same weights, different numerics: close but not equal (tanh GELU, eps placement).
     rel = ((a - b).norm() / a.norm()).item()
     assert 1e-6 < rel < 0.2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_end_to_end_matches_timm(reference, backend):
+    """The whole model in channels_last (weights and activations) gives timm's numbers."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tol = (1e-9, 1e-9) if backend == "torch" else (1e-4, 1e-3)
+    model = tiny_model(reference, dtype).to(memory_format=torch.channels_last).train()
+    case = reference["cases"][1]
+    x = case["x"].to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    seen = []
+    hook = model.stages[-1].register_forward_hook(lambda m, i, o: seen.append(o))
+    with nfk.use_backend(backend):
+        logits, _, grads = run_case(model, dict(case, x=x), dtype)
+    hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert_close(logits, case["logits"], tol[0], "logits")
+    for name, ref in case["grads"].items():
+        assert_close(grads[name], ref, tol[1], name)
