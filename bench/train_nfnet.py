@@ -17,10 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import nfkernels as nfk
-from nfkernels.models import NFNet, NFNetConfig, nfnet, paper_regularization
+from nfkernels.models import NFNet, nfnet, paper_regularization, TINY_CONFIG as TINY
 
-# A miniature of the F family (same block design, 1 block per stage, narrow) for CPU runs.
-TINY = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 96), stem_chs=32, group_size=16, num_features=192)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 

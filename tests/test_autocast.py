@@ -4,12 +4,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import nfkernels as nfk
-from nfkernels.models.nfnet import NFNet, NFNetConfig
+from nfkernels.models.nfnet import NFNet, TINY_CONFIG as TINY
 from nfkernels.nn import NFBlock, WSConv2d
 from nfk_testing import DEVICE, assert_close, backends_for, rel_err
 
 BACKENDS = backends_for(("torch", "triton"))
-TINY = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 96), stem_chs=32, group_size=16, num_features=192)
 AMP_DTYPE = torch.bfloat16 if DEVICE.type == "cpu" else torch.float16
 
 

@@ -5,14 +5,13 @@ import torch
 import torch.nn as nn
 
 import nfkernels as nfk
-from nfkernels.models.nfnet import NFNet, NFNetConfig
+from nfkernels.models.nfnet import NFNet, TINY_CONFIG as TINY
 from nfkernels.nn import ScaledAct, SqueezeExcite, WSConv2d
 from nfk_testing import DEVICE, ON_GPU, assert_close, backends_for
 
 BACKENDS = backends_for(("torch", "triton"))
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
 ops = torch.ops.nfkernels
-TINY = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 96), stem_chs=32, group_size=16, num_features=192)
 
 
 def _t(*shape, dtype, channels_last=False, grad=True):

@@ -6,11 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import nfkernels as nfk
-from nfkernels.models import NFNet, NFNetConfig
+from nfkernels.models import NFNet, TINY_CONFIG as TINY
 from nfkernels.training import CUDAGraphTrainStep
 from nfk_testing import ON_GPU, assert_close
-
-TINY = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 96), stem_chs=32, group_size=16, num_features=192)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")

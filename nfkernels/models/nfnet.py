@@ -46,6 +46,11 @@ class NFNetConfig:
     drop_path_rate: float = 0.0     # stochastic depth, linearly increasing over blocks
 
 
+# A miniature of the F family (same block design, one block per stage, narrow): CPU runs, tests
+# and examples.
+TINY_CONFIG = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 96), stem_chs=32, group_size=16,
+                          num_features=192)
+
 # Paper Table 1 depths; dropout rates are the paper's (F0 0.2 … F7 0.5), stochastic depth 0.1 for
 # all variants as in the official training configuration. Widths are shared by all variants.
 VARIANTS = {

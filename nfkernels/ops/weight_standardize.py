@@ -307,7 +307,6 @@ def weight_standardize_cuda(weight, gain, gamma, eps, deepmind, out_dtype=None):
 def weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype=None):
     """Plain PyTorch reference (the CPU path): the same formula from torch ops, any dtype; the
     result in ``out_dtype`` (None: weight's dtype), autograd for the gradients."""
-    dims = tuple(range(1, weight.dim()))
     n = math.prod(weight.shape[1:])
     w = weight if weight.dtype == torch.float64 else weight.float()
     if not deepmind and n > 1 and weight.is_contiguous():
@@ -320,7 +319,7 @@ def weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype=None)
         out = F.batch_norm(w.reshape(1, weight.shape[0], n), None, None, weight=affine, training=True,
                            momentum=0.0, eps=eps)
         return out.reshape(weight.shape).to(out_dtype or weight.dtype)
-    var, mean = torch.var_mean(w, dim=dims, unbiased=False, keepdim=True)
+    var, mean = torch.var_mean(w, dim=tuple(range(1, weight.dim())), unbiased=False, keepdim=True)
     if deepmind:
         scale = gamma * torch.rsqrt(torch.clamp_min(n * var, eps))
     else:
