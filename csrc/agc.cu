@@ -6,14 +6,15 @@ namespace {
 
 // One block per unit: sum the squares of W_i and G_i, then scale G_i unless it is kept. A kept
 // unit is not written. The second read of G_i hits L1/L2 (a unit is at most tens of KB).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) agc_kernel(T* __restrict__ grad, const T* __restrict__ weight,
+// G and W may differ (torch allows e.g. fp32 weights with bf16 gradients).
+template <typename G, typename W>
+__global__ void __launch_bounds__(kThreads) agc_kernel(G* __restrict__ grad, const W* __restrict__ weight,
                                                        const int64_t* __restrict__ table, double clip_factor,
                                                        double eps) {
-  using Acc = typename AccType<T>::type;
+  using Acc = typename AccType2<G, W>::type;
   const int64_t* entry = table + static_cast<int64_t>(blockIdx.x) * 3;
-  T* g = grad + entry[0];
-  const T* w = weight + entry[1];
+  G* g = grad + entry[0];
+  const W* w = weight + entry[1];
   const int64_t length = entry[2];
   Acc w_sq = 0, g_sq = 0;
   for (int64_t k = threadIdx.x; k < length; k += kThreads) {
@@ -24,30 +25,24 @@ __global__ void __launch_bounds__(kThreads) agc_kernel(T* __restrict__ grad, con
   block_sum2(w_sq, g_sq);
   const Acc scale = agc_scale(w_sq, g_sq, Acc(clip_factor), Acc(eps));
   if (scale == Acc(1)) return;  // kept (or clipped by exactly 1): nothing to write
-  for (int64_t k = threadIdx.x; k < length; k += kThreads) g[k] = from_acc<T>(to_acc(g[k]) * scale);
-}
-
-template <typename T>
-cudaError_t launch(void* grad, const void* weight, const int64_t* table, int64_t n_units, double clip_factor,
-                   double eps, cudaStream_t stream) {
-  agc_kernel<T><<<static_cast<unsigned>(n_units), kThreads, 0, stream>>>(
-      static_cast<T*>(grad), static_cast<const T*>(weight), table, clip_factor, eps);
-  return cudaGetLastError();
+  for (int64_t k = threadIdx.x; k < length; k += kThreads) g[k] = from_acc<G>(static_cast<Acc>(to_acc(g[k])) * scale);
 }
 
 }  // namespace
 
-cudaError_t agc(DType dtype, void* grad, const void* weight, const int64_t* table, int64_t n_units,
-                double clip_factor, double eps, cudaStream_t stream) {
+cudaError_t agc(DType grad_dtype, DType weight_dtype, void* grad, const void* weight, const int64_t* table,
+                int64_t n_units, double clip_factor, double eps, cudaStream_t stream) {
   if (n_units <= 0) return cudaSuccess;
   if (n_units > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  switch (dtype) {
-    case DType::kFloat16: return launch<__half>(grad, weight, table, n_units, clip_factor, eps, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(grad, weight, table, n_units, clip_factor, eps, stream);
-    case DType::kFloat32: return launch<float>(grad, weight, table, n_units, clip_factor, eps, stream);
-    case DType::kFloat64: return launch<double>(grad, weight, table, n_units, clip_factor, eps, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_type(grad_dtype, [&](auto g_tag) {
+    return with_type(weight_dtype, [&](auto w_tag) {
+      using G = decltype(g_tag);
+      using W = decltype(w_tag);
+      agc_kernel<G, W><<<static_cast<unsigned>(n_units), kThreads, 0, stream>>>(
+          static_cast<G*>(grad), static_cast<const W*>(weight), table, clip_factor, eps);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace nfk

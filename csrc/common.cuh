@@ -16,6 +16,11 @@ constexpr float kGradNormFloor = 1e-6f;  // timm's grad_norm.clamp(min=1e-6)
 
 template <typename T> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };
+// The accumulation type of math mixing two operand types: fp64 if either is.
+template <typename A, typename B> struct AccType2 { using type = float; };
+template <typename B> struct AccType2<double, B> { using type = double; };
+template <typename A> struct AccType2<A, double> { using type = double; };
+template <> struct AccType2<double, double> { using type = double; };
 
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }

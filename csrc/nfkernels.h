@@ -14,9 +14,10 @@ enum class DType { kFloat16, kBFloat16, kFloat32, kFloat64 };
 // every row of `table` in one launch. `table` (device, n_units x 3 int64) holds per unit the
 // gradient offset, weight offset (elements from grad / weight) and the unit length. Per unit:
 // ||W||* = max(||W||, eps); unless ||G|| < clip_factor ||W||*,
-// G <- G * clip_factor ||W||* / max(||G||, 1e-6). Norms accumulate in fp32 (fp64 for fp64).
-cudaError_t agc(DType dtype, void* grad, const void* weight, const int64_t* table, int64_t n_units,
-                double clip_factor, double eps, cudaStream_t stream);
+// G <- G * clip_factor ||W||* / max(||G||, 1e-6). The gradient and weight dtypes may differ; norms
+// accumulate in fp32 (fp64 when either is fp64).
+cudaError_t agc(DType grad_dtype, DType weight_dtype, void* grad, const void* weight, const int64_t* table,
+                int64_t n_units, double clip_factor, double eps, cudaStream_t stream);
 
 // Scalars are double so fp64 parameters keep fp64 hyper-parameters; kernels of other dtypes
 // round them once to their accumulation type.
@@ -29,9 +30,10 @@ struct SgdAgcOptions {
 // (device, n_rows x 4 int64): param, grad, momentum-buffer offsets and the row length. Per row:
 // g <- s g (s the AGC factor when clip); g <- g + wd p; buf <- m buf + g (the caller zero-fills
 // buf before the first step, so that is buf <- g); nesterov: g <- g + m buf, else g <- buf;
-// p <- p - lr g. buf is unused without momentum.
-cudaError_t sgd_agc(DType dtype, void* param, const void* grad, void* momentum_buffer, const int64_t* table,
-                    int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream);
+// p <- p - lr g. buf (param_dtype) is unused without momentum. The gradient's dtype may differ
+// from the parameter's; the math runs in fp32 (fp64 when either is fp64).
+cudaError_t sgd_agc(DType param_dtype, DType grad_dtype, void* param, const void* grad, void* momentum_buffer,
+                    const int64_t* table, int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream);
 
 
 // ---------------------------------------------------------------------------------------------

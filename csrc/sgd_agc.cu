@@ -7,14 +7,15 @@ namespace {
 // One block per row: the AGC factor from the squared norms of p and g, then the SGD update.
 // The update re-reads p and g right after the norm pass, from L1/L2, so memory sees p, g and
 // buf read once and p, buf written once. Without weight decay p is not added (0 * inf = NaN).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) sgd_agc_kernel(T* __restrict__ param, const T* __restrict__ grad,
+// The gradient type G may differ from the parameter's T, which the buffer shares.
+template <typename T, typename G>
+__global__ void __launch_bounds__(kThreads) sgd_agc_kernel(T* __restrict__ param, const G* __restrict__ grad,
                                                            T* __restrict__ buffer, const int64_t* __restrict__ table,
                                                            SgdAgcOptions o) {
-  using Acc = typename AccType<T>::type;
+  using Acc = typename AccType2<T, G>::type;
   const int64_t* entry = table + static_cast<int64_t>(blockIdx.x) * 4;
   T* p = param + entry[0];
-  const T* g = grad + entry[1];
+  const G* g = grad + entry[1];
   T* buf = buffer + entry[2];
   const int64_t length = entry[3];
   Acc scale = 1;
@@ -42,28 +43,21 @@ __global__ void __launch_bounds__(kThreads) sgd_agc_kernel(T* __restrict__ param
   }
 }
 
-template <typename T>
-cudaError_t launch(void* param, const void* grad, void* buffer, const int64_t* table, int64_t n_rows,
-                   const SgdAgcOptions& options, cudaStream_t stream) {
-  sgd_agc_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
-      static_cast<T*>(param), static_cast<const T*>(grad), static_cast<T*>(buffer), table, options);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
-cudaError_t sgd_agc(DType dtype, void* param, const void* grad, void* momentum_buffer, const int64_t* table,
-                    int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream) {
+cudaError_t sgd_agc(DType param_dtype, DType grad_dtype, void* param, const void* grad, void* momentum_buffer,
+                    const int64_t* table, int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream) {
   if (n_rows <= 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  switch (dtype) {
-    case DType::kFloat16: return launch<__half>(param, grad, momentum_buffer, table, n_rows, options, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(param, grad, momentum_buffer, table, n_rows, options, stream);
-    case DType::kFloat32: return launch<float>(param, grad, momentum_buffer, table, n_rows, options, stream);
-    case DType::kFloat64: return launch<double>(param, grad, momentum_buffer, table, n_rows, options, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_type(param_dtype, [&](auto p_tag) {
+    return with_type(grad_dtype, [&](auto g_tag) {
+      using T = decltype(p_tag);
+      using G = decltype(g_tag);
+      sgd_agc_kernel<T, G><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
+          static_cast<T*>(param), static_cast<const G*>(grad), static_cast<T*>(momentum_buffer), table, options);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace nfk

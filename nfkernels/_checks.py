@@ -59,6 +59,16 @@ def check_same_dtype(op: str, **tensors: torch.Tensor | None) -> torch.dtype:
     return first
 
 
+def check_no_internal_overlap(op: str, name: str, t: torch.Tensor, why: str) -> None:
+    """Rejects a tensor with several elements at one address (a stride 0 over a dim of size > 1,
+    as ``expand`` makes: torch's own test for definite internal overlap)."""
+    if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+        raise ValueError(
+            f"{op}: {name} has elements that share memory (stride {tuple(t.stride())} for shape "
+            f"{tuple(t.shape)}, e.g. an expand()); {why}, so it must be dense: pass a .clone()"
+        )
+
+
 def check_float(op: str, name: str, value: object, *, positive: bool = False, nonneg: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number; got {type(value).__name__}")

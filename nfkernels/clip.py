@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from nfkernels import _backend
-from nfkernels._checks import FLOAT_DTYPES, check_float, check_tensor
+from nfkernels._checks import FLOAT_DTYPES, check_float, check_no_internal_overlap, check_tensor
 from nfkernels.ops import agc as _agc
 
 AGC_BACKENDS = ("torch", "triton", "cuda")
@@ -60,8 +60,10 @@ def _group_items(op: str, where: str, group: dict) -> list[tuple[str, object]]:
     return [(f"{where}['params'][{j}]", p) for j, p in enumerate(params)]
 
 
-def check_param_and_grad(op: str, name: str, p: torch.Tensor) -> torch.Tensor:
-    """Validates ``p`` and its gradient; returns the gradient."""
+def check_param_and_grad(op: str, name: str, p: torch.Tensor, *, writes: str) -> torch.Tensor:
+    """Validates ``p`` and its gradient (of any float dtype: torch allows it to differ from the
+    parameter's); returns the gradient. ``writes`` ("grad" or "param") is the tensor the caller
+    updates in place, which must not have elements sharing memory."""
     check_tensor(op, name, p)
     grad = p.grad
     check_tensor(op, f"{name}.grad", grad, dtypes=FLOAT_DTYPES)
@@ -69,6 +71,8 @@ def check_param_and_grad(op: str, name: str, p: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{op}: {name}.grad is on {grad.device} but {name} is on {p.device}; they must share a device")
     if grad.shape != p.shape:
         raise ValueError(f"{op}: {name}.grad has shape {tuple(grad.shape)} but {name} has {tuple(p.shape)}")
+    written, written_name = (grad, f"{name}.grad") if writes == "grad" else (p, name)
+    check_no_internal_overlap(op, written_name, written, "it is updated in place")
     return grad
 
 
@@ -87,10 +91,10 @@ class ShardedWholeUnits:
         """All_reduce of the squared norms: one per (mesh, mesh dim, device, dtype), then scale."""
         groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for w, g, mesh, dims in self.items:
-            groups.setdefault((id(mesh), dims, g.device, g.dtype), []).append((w, g))
+            groups.setdefault((id(mesh), dims, g.device, g.dtype, w.dtype), []).append((w, g))
         meshes = {id(mesh): mesh for _, _, mesh, _ in self.items}
-        for (mesh_id, dims, device, dtype), pairs in groups.items():
-            acc = _agc.acc_dtype_for(dtype)
+        for (mesh_id, dims, device, g_dtype, w_dtype), pairs in groups.items():
+            acc = _agc.acc_dtype_for(g_dtype, w_dtype)
             sq = torch.stack([
                 torch.stack([w.to(acc).square().sum(), g.to(acc).square().sum()]) for w, g in pairs
             ])
@@ -121,7 +125,8 @@ def local_units(op: str, name: str, weight: torch.Tensor, grad: torch.Tensor):
 
 
 def clip_local_(weights: list[torch.Tensor], grads: list[torch.Tensor], clip_factor: float, eps: float, op: str) -> None:
-    """Clips complete units: one fused launch per (device, dtype) group, torch on the CPU path."""
+    """Clips complete units: one fused launch per (device, gradient dtype, weight dtype) group,
+    torch on the CPU path."""
     backends: dict[torch.device, str] = {}
     torch_pairs: tuple[list, list] = ([], [])
     groups: dict[tuple, tuple[list, list]] = {}
@@ -141,7 +146,9 @@ def clip_local_(weights: list[torch.Tensor], grads: list[torch.Tensor], clip_fac
             dense = g.contiguous()
             writebacks.append((g, dense))
             g_rows = _agc.unit_rows(dense)
-        key = _agc.group_key(g_rows) + _agc.group_key(w_rows)[2:]
+        # Offsets in the row table count elements of the group's first tensor of each operand, so
+        # both dtypes (and alignments) must be uniform within a group.
+        key = _agc.group_key(g_rows) + _agc.group_key(w_rows)[1:]
         ws, gs = groups.setdefault(key, ([], []))
         ws.append(w_rows)
         gs.append(g_rows)
@@ -174,11 +181,14 @@ def agc_(parameters, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
     parameters whose ``.grad`` is None are skipped. Pass all parameters but the final
     classifier (``agc_parameters(model)``), as the paper does.
 
-    On CUDA every unit of every parameter is clipped in one launch per (device, dtype) group,
-    without host synchronisation, from a row table cached while the tensors stay the same, so
+    On CUDA every unit of every parameter is clipped in one launch per (device, gradient dtype,
+    weight dtype) group (a gradient may have another dtype than its parameter, as torch's
+    ``grad_dtype`` allows), without host synchronisation, from a row table cached while the tensors stay the same, so
     a step can be captured in a CUDA graph after one eager step. Non-finite gradients: a unit
     holding NaN (in G_i or W_i) becomes all-NaN and a unit with ‖G_i‖ = inf is scaled by 0
-    (its infinite entries become NaN), exactly as in timm; finite units are unaffected.
+    (its infinite entries become NaN), exactly as in timm; finite units are unaffected. A gradient
+    whose elements share memory (an ``expand``-ed one) cannot be clipped in place: ValueError,
+    raised before any gradient is written, like every other argument error.
     DistributedDataParallel: call after backward (gradients are already averaged). FSDP2
     (``fully_shard``, Shard(0) DTensors): rows stay local; whole-tensor units sum their squared
     norms across ranks with one all_reduce per mesh group.
@@ -190,7 +200,7 @@ def agc_(parameters, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
     for name, p in named_params(op, parameters):
         if p.grad is None:
             continue
-        grad = check_param_and_grad(op, name, p)
+        grad = check_param_and_grad(op, name, p, writes="grad")
         w, g, spans_ranks = local_units(op, name, p.detach(), grad.detach())
         if spans_ranks:
             sharded.add(p.detach(), grad.detach())

@@ -318,3 +318,96 @@ def test_row_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
         agc_ops.row_table([rows])
     assert agc_ops.row_table([keep]) is pinned
     assert len(agc_ops._table_cache) == 2  # the pinned table plus the newest
+
+
+def _param_with_grad(shape, w_dtype, g_dtype, gen, w_scale=0.5, g_scale=0.02):
+    """A parameter of dtype w_dtype whose .grad has dtype g_dtype (torch allows this through
+    ``grad_dtype``, e.g. fp32 master weights with bf16 gradients)."""
+    p = torch.nn.Parameter((torch.randn(shape, generator=gen, dtype=torch.float64) * w_scale).to(w_dtype).to(DEVICE))
+    p.grad_dtype = g_dtype
+    g = torch.randn(shape, generator=gen, dtype=torch.float64) * g_scale
+    if len(shape) > 1:  # unit scales from kept to clipped
+        g = g * torch.linspace(0.05, 3.0, shape[0], dtype=torch.float64).view(-1, *([1] * (len(shape) - 1)))
+    p.grad = g.to(g_dtype).to(DEVICE)
+    return p
+
+
+# bf16 arithmetic is not in Triton's interpreter; fp16 stands in for the 16-bit cases there.
+HALF = torch.float16 if not ON_GPU else torch.bfloat16
+MIXED_DTYPES = [  # (weight dtype, gradient dtype); pairs sharing a gradient dtype but not a weight
+    (torch.float32, torch.float32), (torch.float64, torch.float32), (HALF, torch.float32),
+    (torch.float32, HALF), (HALF, HALF), (torch.float64, HALF),
+    (torch.float32, torch.float64), (torch.float64, torch.float64), (HALF, torch.float64),
+]
+GRAD_DTYPE_TOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_grad_dtype_differs_from_param_dtype(backend):
+    """Weights and gradients of different dtypes in one call: each unit clipped from its own
+    weight's norm (issue 10, defect 1: weights were read with the gradient's element type)."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(5, 3, 2, 2), (7, 9), (11,), ()]
+    params = [_param_with_grad(shapes[i % len(shapes)], w_dtype, g_dtype, gen)
+              for i, (w_dtype, g_dtype) in enumerate(MIXED_DTYPES)]
+    before = [p.grad.clone() for p in params]
+    with nfk.use_backend(backend):
+        nfk.agc_(params)
+    expected = timm_adaptive_clip_grad(before, [p.detach() for p in params])
+    for p, ref, old in zip(params, expected, before):
+        assert p.grad.dtype == old.dtype
+        assert_close(p.grad, ref, GRAD_DTYPE_TOL[p.grad.dtype], f"weight {p.dtype}, grad {p.grad.dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_rejects_overlapping_gradient_before_writing(backend):
+    """An expanded (stride-0) gradient cannot be clipped in place unit by unit: a ValueError that
+    names it, raised before any earlier parameter is clipped (issue 10, defect 9)."""
+    gen = torch.Generator().manual_seed(12)
+    params = [_param_with_grad((4, 6), torch.float64, torch.float64, gen, g_scale=1.0) for _ in range(2)]
+    bad = torch.nn.Parameter(torch.randn(3, 5, dtype=torch.float64, device=DEVICE))
+    bad.grad = torch.randn(1, 5, dtype=torch.float64, device=DEVICE).expand(3, 5)
+    before = [p.grad.clone() for p in params]
+    with nfk.use_backend(backend), pytest.raises(ValueError, match=r"parameters\[2\]\.grad .*share memory"):
+        nfk.agc_(params + [bad])
+    for p, old in zip(params, before):
+        assert torch.equal(p.grad, old)
+    # An expanded *weight* is only read: it is clipped against as usual.
+    w = torch.nn.Parameter(torch.randn(1, 5, dtype=torch.float64, device=DEVICE).expand(3, 5))
+    w.grad = torch.randn(3, 5, dtype=torch.float64, device=DEVICE)
+    old = w.grad.clone()
+    with nfk.use_backend(backend):
+        nfk.agc_(w)
+    assert_close(w.grad, timm_adaptive_clip_grad([old], [w.detach()])[0], 1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_evicted_row_table_outlives_a_launch_on_another_stream(backend, monkeypatch):
+    """A row table built on one stream, read by a launch queued late on a side stream, then
+    evicted: its memory must not be handed out (and overwritten) before that launch has read it
+    (issue 10, defect 5: evicted tables were freed without record_stream)."""
+    if backend not in BACKENDS:
+        pytest.skip("nfkernels._C not built")
+    monkeypatch.setattr(agc_ops, "_table_cache", type(agc_ops._table_cache)())
+    monkeypatch.setattr(agc_ops, "TABLE_CACHE_SIZE", 1)
+    gen = torch.Generator().manual_seed(13)
+    params = [_param_with_grad((4096, 8), torch.float32, torch.float32, gen, g_scale=1.0)]
+    others = [_param_with_grad((4096, 8), torch.float32, torch.float32, gen, g_scale=1.0)]
+    before = params[0].grad.clone()
+    with nfk.use_backend(backend):
+        nfk.agc_(params)  # builds table A on the default stream
+        params[0].grad.copy_(before)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(500_000_000)  # the clip below runs long after the host moves on
+            nfk.agc_(params)  # reads table A on the side stream
+        nfk.agc_(others)  # builds table B and evicts A on the default stream
+        # Table A's size (4096 rows of 3 int64): the allocator would hand out its block, were it free.
+        reused = torch.zeros(4096 * 3, dtype=torch.int64, device=DEVICE)
+        torch.cuda.synchronize()
+    del reused
+    expected = timm_adaptive_clip_grad([before], [params[0].detach()])[0]
+    assert_close(params[0].grad, expected, 2e-6)

@@ -383,14 +383,16 @@ def _se_case(device, dtype, shape, channels_last, full, param_dtype=None):
     return run
 
 
-def _param(shape, dtype, device, offset=0):
-    """A leaf tensor with a gradient; ``offset`` > 0 places both at an element offset into a larger
-    buffer (pointers not 16-byte aligned)."""
+def _param(shape, dtype, device, offset=0, grad_dtype=None):
+    """A leaf tensor with a gradient (of ``grad_dtype``, default ``dtype``); ``offset`` > 0 places
+    both at an element offset into a larger buffer (pointers not 16-byte aligned)."""
     numel = 1
     for s in shape:
         numel *= s
+    grad_dtype = grad_dtype or dtype
     p = _randn((numel + offset,), dtype, device)[offset:].view(shape)
-    p.grad = _randn((numel + offset,), dtype, device)[offset:].view(shape) * 0.1
+    p.grad_dtype = grad_dtype
+    p.grad = _randn((numel + offset,), grad_dtype, device)[offset:].view(shape) * 0.1
     return p
 
 
@@ -404,17 +406,24 @@ _PARAM_SETS = {
 }
 
 
+# Gradients whose dtype differs from their parameter's (torch's grad_dtype): mixed precision.
+_MIXED_DTYPES = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float64)]
+
+
 def agc_scenarios(device):
     for dtype in FLOAT_DTYPES:
         for set_name, specs in _PARAM_SETS.items():
             if dtype != torch.float32 and set_name not in ("conv+linear+bias+scalar", "unaligned"):
                 continue
             yield f"agc_ {_dtype_name(dtype)} {set_name}", _agc_case(device, dtype, specs)
+    for dtype, grad_dtype in _MIXED_DTYPES:
+        yield (f"agc_ {_dtype_name(dtype)} with {_dtype_name(grad_dtype)} grads",
+               _agc_case(device, dtype, _PARAM_SETS["conv+linear+bias+scalar"], grad_dtype))
 
 
-def _agc_case(device, dtype, specs):
+def _agc_case(device, dtype, specs, grad_dtype=None):
     def run():
-        params = [_param(shape, dtype, device, offset) for shape, offset in specs]
+        params = [_param(shape, dtype, device, offset, grad_dtype) for shape, offset in specs]
         nfkernels.agc_(params, clip_factor=0.01, eps=1e-3)
 
     return run
@@ -435,6 +444,9 @@ def sgd_agc_scenarios(device):
         for dtype in (torch.float32, torch.float64) if set_name == "unaligned" else (torch.float32,):
             yield _sgd_label(dtype, set_name, 0.9, True, 1e-4, True), _sgd_case(
                 device, dtype, _PARAM_SETS[set_name], 0.9, True, 1e-4, True)
+    for dtype, grad_dtype in _MIXED_DTYPES:
+        yield (_sgd_label(dtype, "conv+linear+bias+scalar", 0.9, True, 1e-4, True) + f" {_dtype_name(grad_dtype)} grads",
+               _sgd_case(device, dtype, _PARAM_SETS["conv+linear+bias+scalar"], 0.9, True, 1e-4, True, grad_dtype))
 
 
 def _sgd_label(dtype, set_name, momentum, nesterov, wd, clip):
@@ -442,11 +454,11 @@ def _sgd_label(dtype, set_name, momentum, nesterov, wd, clip):
             f"weight_decay={wd} clipping={clip}")
 
 
-def _sgd_case(device, dtype, specs, momentum, nesterov, wd, clip):
+def _sgd_case(device, dtype, specs, momentum, nesterov, wd, clip, grad_dtype=None):
     def run():
         from nfkernels.optim import SGD_AGC
 
-        params = [_param(shape, dtype, device, offset) for shape, offset in specs]
+        params = [_param(shape, dtype, device, offset, grad_dtype) for shape, offset in specs]
         opt = SGD_AGC(params, lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd, clipping=clip)
         opt.step()
         opt.step()

@@ -248,3 +248,88 @@ def test_loading_sgd_state_with_unsupported_options_raises():
     opt = nfk.optim.SGD_AGC([torch.nn.Parameter(torch.randn(3, 2))], lr=0.1)
     with pytest.raises(ValueError, match="dampening=0.5"):
         opt.load_state_dict(sgd.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_dtype_differs_from_param_dtype(backend):
+    """Parameters whose gradients have another dtype (``grad_dtype``), mixed with ones that do
+    not, in one group: two momentum steps against float64 torch.optim.SGD + timm's AGC (issue 10,
+    defect 2: gradients were read with the parameter's element type)."""
+    from test_agc import GRAD_DTYPE_TOL, MIXED_DTYPES, _param_with_grad
+
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(5, 3, 2, 2), (7, 9), (11,), ()]
+    params = [_param_with_grad(shapes[i % len(shapes)], w_dtype, g_dtype, gen)
+              for i, (w_dtype, g_dtype) in enumerate(MIXED_DTYPES)]
+    steps = [[p.grad.clone() for p in params]]
+    steps.append([(g.double() * 1.7).to(g.dtype) for g in steps[0]])
+    ref = reference_run(params, [(list(range(len(params))), {})], steps, lr=0.3, momentum=0.9, nesterov=True,
+                        weight_decay=1e-3)
+    run_ours(params, [(list(range(len(params))), {})], steps, backend, lr=0.3, weight_decay=1e-3)
+    for p, r, (w_dtype, g_dtype) in zip(params, ref, MIXED_DTYPES):
+        assert p.dtype == w_dtype
+        tol = max(GRAD_DTYPE_TOL[w_dtype], GRAD_DTYPE_TOL[g_dtype])
+        assert_close(p, r, tol, f"param {w_dtype}, grad {g_dtype}")
+
+
+def test_parameter_listed_twice_is_rejected():
+    """Two programs would update the same memory (issue 10, defect 10)."""
+    p, q = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))
+    with pytest.warns(UserWarning, match="duplicate"), \
+            pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] is the same tensor as .*\[0\]"):
+        SGD_AGC([p, q, p], lr=0.1)
+    opt = SGD_AGC([q], lr=0.1)
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match=r"param_groups\[1\]"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1
+
+
+def test_invalid_group_added_later_is_not_kept():
+    """add_param_group raises on a bad group and leaves the optimizer as it was."""
+    p, q = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))
+    opt = SGD_AGC([p], lr=0.1)
+    with pytest.raises(ValueError, match=r"lr \(param_groups\[1\]\)"):
+        opt.add_param_group({"params": [q], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    before = q.detach().clone()
+    opt.step()
+    assert torch.equal(q.detach(), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_gradient_in_a_later_group_updates_nothing(backend):
+    """Every group is validated before any is stepped (issue 10, defect 9's rule for SGD_AGC)."""
+    params = make_params(torch.float64)
+    gen = torch.Generator().manual_seed(9)
+    for p, g in zip(params, random_grads(params, gen)):
+        p.grad = g
+    bad = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64, device=DEVICE))
+    bad.grad = torch.randn(3, 2, dtype=torch.float64, device=DEVICE).to_sparse()
+    opt = SGD_AGC([{"params": params}, {"params": [bad]}], lr=0.1)
+    before = [p.detach().clone() for p in params]
+    with nfk.use_backend(backend), pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\]\.grad"):
+        opt.step()
+    for p, old in zip(params, before):
+        assert torch.equal(p.detach(), old)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_gradient_is_read_and_expanded_param_rejected(backend):
+    """The gradient is only read, so a stride-0 view of it works; the parameter is written in
+    place, so a stride-0 parameter is a ValueError naming it, before anything is written."""
+    gen = torch.Generator().manual_seed(10)
+    w = torch.nn.Parameter(torch.randn(4, 6, generator=gen, dtype=torch.float64).to(DEVICE))
+    grad = (torch.randn(1, 6, generator=gen, dtype=torch.float64) * 0.05).to(DEVICE).expand(4, 6)
+    ref = reference_run([w], [([0], {})], [[grad]], lr=0.5, momentum=0.9, nesterov=True)
+    run_ours([w], [([0], {})], [[grad]], backend, lr=0.5)
+    assert_close(w, ref[0], 1e-10 if backend == "torch" else 1e-6)
+    fine = torch.nn.Parameter(torch.randn(3, dtype=torch.float64, device=DEVICE))
+    fine.grad = torch.ones_like(fine)
+    expanded = torch.nn.Parameter(torch.randn(1, 5, dtype=torch.float64, device=DEVICE).expand(3, 5))
+    expanded.grad = torch.ones(3, 5, dtype=torch.float64, device=DEVICE)
+    opt = SGD_AGC([fine, expanded], lr=0.1)
+    before = fine.detach().clone()
+    with nfk.use_backend(backend), pytest.raises(ValueError, match=r"\['params'\]\[1\] has elements that share memory"):
+        opt.step()
+    assert torch.equal(fine.detach(), before)

@@ -15,22 +15,25 @@ Non-finite values propagate as they do in timm: NaN in W_i or G_i makes the unit
 stays non-finite for loss scalers to see; other units are untouched. No derivative: AGC edits
 gradients in place, outside autograd.
 
-Fused layout: every unit of every tensor in a (device, dtype) group is one row of a device-side
-int64 table ``(grad offset, weight offset, length)``, offsets counted in elements from the first
-gradient and the first weight of the group. One launch clips all rows, one program per row.
-The table is cached, keyed by the tensors' addresses and shapes, so a training loop whose
-gradients stay in place builds it once; a CUDA graph captured after one eager step replays it.
+Fused layout: every unit of every tensor in a (device, gradient dtype, weight dtype) group is one
+row of a device-side int64 table ``(grad offset, weight offset, length)``, offsets counted in
+elements from the first gradient and the first weight of the group (so every gradient of a group
+shares one dtype, and every weight another, which may differ: torch allows fp32 parameters with
+bf16 gradients). One launch clips all rows, one program per row. The table is cached, keyed by
+the tensors' addresses, shapes and dtypes, so a training loop whose gradients stay in place builds
+it once; a CUDA graph captured after one eager step replays it.
 """
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from nfkernels.ops._library import cuda_launch
 from nfkernels.ops._utils import device_guard, dim0_rows, next_power_of_2
 
 GRAD_NORM_FLOOR = 1e-6  # timm's grad_norm.clamp(min=1e-6)
@@ -47,8 +50,9 @@ def _agc_kernel(g_ptr, w_ptr, table_ptr, clip_factor: tl.float64, eps: tl.float6
                 BLOCK: tl.constexpr):
     """One program clips one unit: G_i ← G_i · λ‖W_i‖*/max(‖G_i‖, 1e-6) unless ‖G_i‖ < λ‖W_i‖*.
 
-    ``table_ptr`` rows are (grad offset, weight offset, length) in elements from g_ptr / w_ptr.
-    Squared norms accumulate in fp32 (fp64 for fp64 tensors). The where() forms of the two
+    ``table_ptr`` rows are (grad offset, weight offset, length) in elements from g_ptr / w_ptr,
+    each offset in its own pointer's element type (the two dtypes may differ). Squared norms
+    accumulate in fp32 (fp64 when either operand is fp64). The where() forms of the two
     max() keep NaN (tl.maximum would return the other operand), as torch's clamp does in timm.
     A kept unit is not written, so it costs one read of W_i and G_i.
     """
@@ -92,8 +96,9 @@ def unit_rows(t: torch.Tensor) -> torch.Tensor | None:
     return dim0_rows(t)
 
 
-def acc_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def acc_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
+    """fp64 when any operand is fp64, else fp32: the precision the math of a unit runs in."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 @dataclass
@@ -108,6 +113,19 @@ class RowTable:
     n_rows: int
     max_len: int
     captured: bool = False  # read by a captured CUDA graph: must outlive it, never evicted
+    # CUDA streams (handles) the table has been read on. Work on a stream other than the one that
+    # allocated it is invisible to the caching allocator until record_stream says so; without it,
+    # an evicted table's memory could be handed out while a kernel there still reads it.
+    streams: set = field(default_factory=set)
+
+    def record_use(self) -> None:
+        """Tell the caching allocator about a launch on the current stream (once per stream)."""
+        if self.table.device.type != "cuda" or self.captured:  # captured tables are never freed
+            return
+        stream = torch.cuda.current_stream(self.table.device)
+        if stream.cuda_stream not in self.streams:
+            self.table.record_stream(stream)
+            self.streams.add(stream.cuda_stream)
 
 
 _table_cache: collections.OrderedDict[tuple, RowTable] = collections.OrderedDict()
@@ -134,6 +152,7 @@ def row_table(tensor_lists: Sequence[Sequence[torch.Tensor]]) -> RowTable:
     if cached is not None:
         _table_cache.move_to_end(key)
         cached.captured = cached.captured or capturing
+        cached.record_use()
         return cached
     if capturing:
         raise RuntimeError(
@@ -158,6 +177,8 @@ def row_table(tensor_lists: Sequence[Sequence[torch.Tensor]]) -> RowTable:
     else:
         table = host.to(device)
     entry = RowTable(table, host.shape[0], max(r.shape[1] for r in tensor_lists[0]))
+    if device.type == "cuda":  # allocated on the current stream, which the allocator knows about
+        entry.streams.add(torch.cuda.current_stream(device).cuda_stream)
     _table_cache[key] = entry
     evictable = [k for k, e in _table_cache.items() if not e.captured]
     for old in evictable[: max(0, len(_table_cache) - TABLE_CACHE_SIZE)]:
@@ -175,32 +196,28 @@ def block_size(max_len: int) -> int:
 
 
 def agc_triton(weight_rows: list[torch.Tensor], grad_rows: list[torch.Tensor], clip_factor: float, eps: float) -> None:
-    """One launch of ``_agc_kernel`` over all rows; every tensor shares device, dtype, alignment."""
+    """One launch of ``_agc_kernel`` over all rows: one device, the gradients sharing one dtype and
+    alignment, the weights another."""
     entry = row_table([grad_rows, weight_rows])
     g0, w0 = grad_rows[0], weight_rows[0]
     with device_guard(g0):
         _agc_kernel[(entry.n_rows,)](
             g0, w0, entry.table, clip_factor, eps,
-            ACC_FP64=g0.dtype == torch.float64, BLOCK=block_size(entry.max_len), num_warps=4,
+            ACC_FP64=acc_dtype_for(g0.dtype, w0.dtype) == torch.float64, BLOCK=block_size(entry.max_len),
+            num_warps=4,
         )
 
 
 def agc_cuda(weight_rows: list[torch.Tensor], grad_rows: list[torch.Tensor], clip_factor: float, eps: float) -> None:
     """The same launch through the CUDA kernel of nfkernels._C (csrc/agc.cu)."""
-    from nfkernels import _backend
-
     entry = row_table([grad_rows, weight_rows])
     g0, w0 = grad_rows[0], weight_rows[0]
-    _backend.cuda_extension().agc(
-        g0.data_ptr(), w0.data_ptr(), entry.table.data_ptr(), entry.n_rows,
-        str(g0.dtype).replace("torch.", ""), clip_factor, eps,
-        g0.device.index, torch.cuda.current_stream(g0.device).cuda_stream,
-    )
+    cuda_launch("agc", g0.device, g0, w0, entry.table, entry.n_rows, g0.dtype, w0.dtype, clip_factor, eps)
 
 
-def unit_norms(t: torch.Tensor) -> torch.Tensor:
-    """‖unit‖ for each unit of ``t`` in the accumulation dtype, shaped to broadcast against t."""
-    x = t.to(acc_dtype_for(t.dtype))
+def unit_norms(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """‖unit‖ for each unit of ``t`` in dtype ``acc``, shaped to broadcast against t."""
+    x = t.to(acc)
     if t.dim() <= 1:
         return torch.linalg.vector_norm(x)
     return torch.linalg.vector_norm(x, dim=tuple(range(1, t.dim())), keepdim=True)
@@ -214,7 +231,9 @@ def clip_scale(w_norm: torch.Tensor, g_norm: torch.Tensor, clip_factor: float, e
 
 
 def agc_torch(weights: list[torch.Tensor], grads: list[torch.Tensor], clip_factor: float, eps: float) -> None:
-    """Plain PyTorch reference (the CPU path), any float dtype, norms in fp32 (fp64 for fp64)."""
+    """Plain PyTorch reference (the CPU path), any float dtypes, norms in fp32 (fp64 when the
+    weight or the gradient is fp64)."""
     for w, g in zip(weights, grads):
-        scale = clip_scale(unit_norms(w), unit_norms(g), clip_factor, eps)
-        g.copy_(g.to(scale.dtype) * scale)
+        acc = acc_dtype_for(w.dtype, g.dtype)
+        scale = clip_scale(unit_norms(w, acc), unit_norms(g, acc), clip_factor, eps)
+        g.copy_(g.to(acc) * scale)

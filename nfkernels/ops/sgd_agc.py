@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nfkernels.ops._library import cuda_launch
 from nfkernels.ops._utils import device_guard
 from nfkernels.ops.agc import acc_dtype_for, block_size, clip_scale, row_table, unit_norms
 
@@ -31,8 +32,9 @@ def _sgd_agc_kernel(
     """One program updates one unit row: AGC factor from ‖W_i‖, ‖G_i‖, then the SGD step.
 
     ``table_ptr`` rows are (param offset, grad offset, buffer offset, length) in elements from
-    p_ptr / g_ptr / buf_ptr. Arithmetic in fp32 (fp64 for fp64 parameters); p and buf are
-    stored in the parameter dtype. Without weight decay p is not added (0·inf would be NaN).
+    p_ptr / g_ptr / buf_ptr (the gradient's dtype may differ from the parameter's, which the
+    buffer shares). Arithmetic in fp32 (fp64 when the parameter or the gradient is fp64); p and
+    buf are stored in the parameter dtype. Without weight decay p is not added (0·inf would be NaN).
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     # The scalars arrive as fp64 (an unannotated Python float would be fp32 and round fp64 math);
@@ -79,9 +81,10 @@ def _sgd_agc_kernel(
 
 def sgd_agc_fused(backend, p_rows, g_rows, buf_rows, *, lr, momentum, weight_decay, nesterov, clip,
                   clip_factor, eps):
-    """One launch over all rows. Lists of unit-row views sharing device, dtype and layout pairwise
-    (row k of p_rows[i], g_rows[i] and buf_rows[i] hold the same elements); without momentum
-    ``buf_rows`` is ``p_rows`` and is never written."""
+    """One launch over all rows. Lists of unit-row views, each list of one dtype and alignment
+    (the gradients' may differ from the parameters' and buffers'), all on one device, laid out
+    alike pairwise (row k of p_rows[i], g_rows[i] and buf_rows[i] hold the same elements);
+    without momentum ``buf_rows`` is ``p_rows`` and is never written."""
     entry = row_table([p_rows, g_rows, buf_rows])
     p0, g0, b0 = p_rows[0], g_rows[0], buf_rows[0]
     has_momentum = momentum != 0
@@ -90,28 +93,22 @@ def sgd_agc_fused(backend, p_rows, g_rows, buf_rows, *, lr, momentum, weight_dec
             _sgd_agc_kernel[(entry.n_rows,)](
                 p0, g0, b0, entry.table, lr, momentum, weight_decay, clip_factor, eps,
                 CLIP=clip, HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
-                NESTEROV=nesterov, ACC_FP64=p0.dtype == torch.float64,
+                NESTEROV=nesterov, ACC_FP64=acc_dtype_for(p0.dtype, g0.dtype) == torch.float64,
                 BLOCK=block_size(entry.max_len), num_warps=4,
             )
         return
-    from nfkernels import _backend
-
-    _backend.cuda_extension().sgd_agc(
-        p0.data_ptr(), g0.data_ptr(), b0.data_ptr(), entry.table.data_ptr(), entry.n_rows,
-        str(p0.dtype).replace("torch.", ""), lr, momentum, weight_decay, clip_factor, eps,
-        clip, has_momentum, nesterov,
-        p0.device.index, torch.cuda.current_stream(p0.device).cuda_stream,
-    )
+    cuda_launch("sgd_agc", p0.device, p0, g0, b0, entry.table, entry.n_rows, p0.dtype, g0.dtype,
+                lr, momentum, weight_decay, clip_factor, eps, clip, has_momentum, nesterov)
 
 
 def sgd_agc_torch(param, grad, buf, *, lr, momentum, weight_decay, nesterov, clip, clip_factor, eps):
     """Plain PyTorch reference for one parameter (the CPU path), in place on ``param`` and on
     ``buf`` (the momentum buffer, zero before the first step; None without momentum)."""
-    acc = acc_dtype_for(param.dtype)
+    acc = acc_dtype_for(param.dtype, grad.dtype)
     p = param.to(acc)
     d = grad.to(acc)
     if clip:
-        d = d * clip_scale(unit_norms(param), unit_norms(grad), clip_factor, eps)
+        d = d * clip_scale(unit_norms(param, acc), unit_norms(grad, acc), clip_factor, eps)
     if weight_decay != 0:
         d = d + weight_decay * p
     if momentum != 0:

@@ -26,10 +26,12 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
     Param-group options beyond torch's: ``clip_factor``, ``eps`` and ``clipping`` (False turns
     AGC off for the group, e.g. the final classifier); ``weight_decay=0`` turns decay off (the
     paper: none on gains, biases and SkipInit gains). ``nfkernels.optim.nfnet_param_groups``
-    builds the paper's groups. On CUDA one launch per (param group, device, dtype) reads p, g
+    builds the paper's groups. On CUDA one launch per (param group, device, dtypes) reads p, g
     and buf once and writes p and buf once; ``.grad`` is not modified. Momentum buffers live in
     ``state[p]["momentum_buffer"]`` as in torch.optim.SGD, so state dicts save, load and
-    interchange with it. On CPU the torch reference runs. Under FSDP2, the gradients of
+    interchange with it (buffers take the parameter's dtype; a gradient may have another, as
+    torch's ``grad_dtype`` allows). Each parameter may be listed once; ``step()`` validates every
+    group before it updates any. On CPU the torch reference runs. Under FSDP2, the gradients of
     sharded whole-tensor units (biases, gains) are clipped in place before the fused step,
     because their norms need an all_reduce.
     """
@@ -43,7 +45,14 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        _check_group_options(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+        index = len(self.param_groups) - 1
+        try:
+            _check_group_options(self.param_groups[index], f"param_groups[{index}]")
+            _check_unique(self.param_groups[index]["params"], index)
+        except (TypeError, ValueError):
+            # An invalid group must not stay behind for step() to use.
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -65,29 +74,31 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for i, group in enumerate(self.param_groups):
-            self._step_group(i, group)
+        # Every group is checked before any is updated: a bad gradient in a later group must
+        # not leave the earlier groups stepped.
+        plans = [self._plan_group(i, group) for i, group in enumerate(self.param_groups)]
+        for group, plan in zip(self.param_groups, plans):
+            plan.run(group)
         return loss
 
-    def _step_group(self, index: int, group: dict) -> None:
-        hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-                     nesterov=group["nesterov"], clip_factor=group["clip_factor"], eps=group["eps"])
-        sharded = ShardedWholeUnits()
-        unfused = []
-        buckets: dict[tuple, tuple[list, list, list]] = {}
+    def _plan_group(self, index: int, group: dict) -> "_GroupPlan":
+        """Validates the group's parameters and sorts them into fused launches; writes nothing
+        but missing momentum buffers (zeros, which the first step treats as absent)."""
+        momentum = group["momentum"]
+        plan = _GroupPlan()
         for j, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             name = f"param_groups[{index}]['params'][{j}]"
-            grad = check_param_and_grad(OP, name, p)
+            grad = check_param_and_grad(OP, name, p, writes="param")
             w, g, spans_ranks = local_units(OP, name, p, grad)
             clip = group["clipping"]
             if clip and spans_ranks:
-                sharded.add(p, grad)
+                plan.sharded.add(p, grad)
                 clip = False
             state = self.state[p]
-            buf = state.get("momentum_buffer") if hyper["momentum"] != 0 else None
-            if hyper["momentum"] != 0 and buf is None:
+            buf = state.get("momentum_buffer") if momentum != 0 else None
+            if momentum != 0 and buf is None:
                 # Zero-filled, m·0 + g = g is torch's first-step rule, and every step runs the same
                 # kernel (a capture after one eager step compiles nothing new).
                 buf = torch.zeros_like(p)
@@ -100,21 +111,39 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
             backend = _backend.resolve(OP, w.device, supported=AGC_BACKENDS)
             p_rows = _agc.unit_rows(w)
             if backend == "torch" or p_rows is None:
-                unfused.append((w, g, buf_local, clip))
+                plan.unfused.append((w, g, buf_local, clip))
                 continue
             if g.stride() != w.stride():  # element k of each row must be the same element of p and g
-                g = torch.empty_like(w).copy_(g)
+                g = torch.empty_like(w, dtype=g.dtype).copy_(g)
             b_rows = _agc.unit_rows(buf_local) if buf_local is not None else p_rows
-            key = (backend, clip) + _agc.group_key(p_rows) + _agc.group_key(g)[2:] + _agc.group_key(b_rows)[2:]
-            ps, gs, bs = buckets.setdefault(key, ([], [], []))
+            g_rows = _agc.unit_rows(g)
+            # Row-table offsets count elements of each operand's first tensor: one dtype and one
+            # alignment per operand within a launch (the gradient's dtype may differ from p's).
+            key = (backend, clip) + _agc.group_key(p_rows) + _agc.group_key(g_rows)[1:] + _agc.group_key(b_rows)[2:]
+            ps, gs, bs = plan.fused.setdefault(key, ([], [], []))
             ps.append(p_rows)
-            gs.append(_agc.unit_rows(g))
+            gs.append(g_rows)
             bs.append(b_rows)
-        if sharded.items:  # before any update: these units' norms need the other ranks' shards
-            sharded.clip_(group["clip_factor"], group["eps"])
-        for w, g, buf, clip in unfused:
+        return plan
+
+
+class _GroupPlan:
+    """One param group's step, validated: sharded whole units to clip across ranks first, then
+    parameters for the torch path and fused launches keyed by (backend, clip, device, dtypes...)."""
+
+    def __init__(self):
+        self.sharded = ShardedWholeUnits()
+        self.unfused: list[tuple] = []
+        self.fused: dict[tuple, tuple[list, list, list]] = {}
+
+    def run(self, group: dict) -> None:
+        hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                     nesterov=group["nesterov"], clip_factor=group["clip_factor"], eps=group["eps"])
+        if self.sharded.items:  # before any update: these units' norms need the other ranks' shards
+            self.sharded.clip_(group["clip_factor"], group["eps"])
+        for w, g, buf, clip in self.unfused:
             _ops.sgd_agc_torch(w, g, buf, clip=clip, **hyper)
-        for (backend, clip, *_), (ps, gs, bs) in buckets.items():
+        for (backend, clip, *_), (ps, gs, bs) in self.fused.items():
             _ops.sgd_agc_fused(backend, ps, gs, bs, clip=clip, **hyper)
 
 
@@ -129,6 +158,19 @@ def _aligned_buffer(name: str, p: torch.Tensor, buf: torch.Tensor, state: dict) 
         buf = torch.empty_like(p).copy_(buf)
         state["momentum_buffer"] = buf
     return buf
+
+
+def _check_unique(params: list, index: int) -> None:
+    """A parameter listed twice would be stepped twice, by two programs racing on its memory
+    (torch.optim.SGD warns that this will become an error)."""
+    first: dict[int, int] = {}
+    for j, p in enumerate(params):
+        if id(p) in first:
+            raise ValueError(
+                f"{OP}: param_groups[{index}]['params'][{j}] is the same tensor as "
+                f"param_groups[{index}]['params'][{first[id(p)]}]; list each parameter once"
+            )
+        first[id(p)] = j
 
 
 def _check_group_options(group: dict, where: str) -> None:
