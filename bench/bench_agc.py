@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     agc_bytes = 3 * n_clip * itemsize
     record("agc", "timm loop (eager)", lambda: (restore(), timm_adaptive_clip_grad(params)), agc_bytes)
-    nfk_backends = ["torch"] if device.type == "cpu" else ["triton"] + (["cuda"] if _backend.cuda_extension() else [])
+    nfk_backends = ["torch"] if device.type == "cpu" else ["triton"] + (["cuda"] if _backend.cuda_extension_usable() else [])
     for backend in nfk_backends:
         def run_agc(backend=backend):
             restore()

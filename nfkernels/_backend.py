@@ -4,8 +4,9 @@ The choice is, in order of precedence: the innermost ``use_backend`` context, th
 to ``set_backend``, the ``NFK_BACKEND`` environment variable read at import, and "auto".
 "auto" runs the torch reference on CPU tensors and, on CUDA tensors, whichever of the Triton and
 CUDA kernels bench/ measured faster for the op on that device class (nfkernels._autotable; Triton
-where nothing was measured or the extension is not built). A backend named explicitly that
-cannot run the call raises ``RuntimeError``; nothing falls back silently.
+where nothing was measured, or the extension is not built or its CUDA runtime sees no GPU). A
+backend named explicitly that cannot run the call raises ``RuntimeError``; nothing falls back
+silently.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)  # a failed import is retried on every call otherwise
 def cuda_extension():
     """The compiled extension ``nfkernels._C``, or None when it was not built."""
     try:
@@ -82,6 +84,25 @@ def cuda_extension():
     except ImportError:
         return None
     return _C
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_device_count(extension) -> int:
+    # Per process: the devices a runtime sees do not change while it runs, and asking costs a
+    # driver call on every op otherwise.
+    return extension.device_count()
+
+
+def cuda_extension_usable() -> bool:
+    """True when nfkernels._C is built and its own CUDA runtime sees a GPU. torch may see one
+    while the extension does not: its statically linked runtime can need a newer driver."""
+    extension = cuda_extension()
+    return extension is not None and _extension_device_count(extension) > 0
+
+
+def _runtime_version(extension) -> str:
+    version = extension.cuda_runtime_version()
+    return f"{version // 1000}.{version % 1000 // 10}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,7 +121,7 @@ def _auto(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
     if device.type != "cuda":
         return "torch"
     has_triton = "triton" in supported and triton_available()
-    has_cuda = "cuda" in supported and cuda_extension() is not None
+    has_cuda = "cuda" in supported and cuda_extension_usable()
     if has_cuda and (not has_triton or _autotable.preferred_backend(op, cuda_device_name(device)) == "cuda"):
         return "cuda"
     return "triton" if has_triton else "torch"
@@ -134,4 +155,11 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...] = ("torch"
             )
         if device.type != "cuda":
             raise RuntimeError(f"{op}: backend 'cuda' runs on CUDA tensors; got tensors on {device}")
+        if not cuda_extension_usable():
+            raise RuntimeError(
+                f"{op}: backend 'cuda': nfkernels._C is built, but its CUDA runtime "
+                f"{_runtime_version(cuda_extension())} sees no GPU; is the NVIDIA driver too old for "
+                "that runtime (or CUDA_VISIBLE_DEVICES empty)? Update the driver, or use backend "
+                "'triton' or 'auto'"
+            )
     return name

@@ -3,6 +3,9 @@
 // as torch's cuda_stream handle; the Python side (nfkernels.ops.*) has validated shapes, dtypes
 // and devices and allocated every output and workspace. No
 // libtorch: the module links only the static CUDA runtime, so it imports without a GPU.
+// Every call that reaches the driver releases the GIL (py::call_guard), so other Python threads
+// run during launches; those calls' bodies touch no Python object: pybind11 has converted the
+// arguments before the guard, and re-acquires the GIL before translating a thrown exception.
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -21,23 +24,41 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
-// Raises the clear "no CUDA device" error on machines without a GPU or driver, then makes
-// `device` current (torch's current device lives in the same driver context).
-void use_device(const char* what, int device) {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    cudaGetLastError();  // clear the sticky error so a later call can retry
-    throw std::runtime_error(std::string("nfkernels._C.") + what + ": no CUDA device is available (" +
-                             (err != cudaSuccess ? cudaGetErrorString(err) : "cudaGetDeviceCount returned 0") +
-                             "); the 'cuda' backend needs a GPU and its driver");
+// Makes `device` current for one launch and restores the caller's device on every exit, a
+// thrown error included: the current device lives in the driver context torch shares, so a
+// switch left behind would send torch's later allocations, streams and synchronize to the wrong
+// GPU. Raises the clear "no CUDA device" error on machines without a GPU or driver.
+class DeviceGuard {
+ public:
+  DeviceGuard(const char* what, int device) {
+    int count = 0;
+    const cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+      cudaGetLastError();  // clear the sticky error so a later call can retry
+      throw std::runtime_error(std::string("nfkernels._C.") + what + ": no CUDA device is available (" +
+                               (err != cudaSuccess ? cudaGetErrorString(err) : "cudaGetDeviceCount returned 0") +
+                               "); the 'cuda' backend needs a GPU and its driver");
+    }
+    if (device < 0 || device >= count) {
+      throw std::invalid_argument(std::string("nfkernels._C.") + what + ": device index " + std::to_string(device) +
+                                  " out of range (" + std::to_string(count) + " devices)");
+    }
+    check(cudaGetDevice(&previous_), what);
+    if (previous_ != device) {  // a needless switch costs a driver call on every launch
+      check(cudaSetDevice(device), what);
+      switched_ = true;
+    }
   }
-  if (device < 0 || device >= count) {
-    throw std::invalid_argument(std::string("nfkernels._C.") + what + ": device index " + std::to_string(device) +
-                                " out of range (" + std::to_string(count) + " devices)");
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);  // a destructor must not throw; previous_ was current a moment ago
   }
-  check(cudaSetDevice(device), what);
-}
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
 
 nfk::DType parse_dtype(const char* what, const std::string& name) {
   if (name == "float16") return nfk::DType::kFloat16;
@@ -104,55 +125,68 @@ nfk::SeShape se_shape(const char* what, std::int64_t n, std::int64_t c, std::int
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nfkernels CUDA kernels (framework-free csrc/ bound with pybind11; pointers passed as ints)";
 
-  m.def("device_count", []() {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess) {
-      cudaGetLastError();
-      return 0;
-    }
-    return count;
-  }, "Number of CUDA devices this module's runtime sees (0 without a GPU or driver).");
+  m.def(
+      "device_count",
+      []() {
+        int count = 0;
+        if (cudaGetDeviceCount(&count) != cudaSuccess) {
+          cudaGetLastError();
+          return 0;
+        }
+        return count;
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Number of CUDA devices this module's runtime sees (0 without a GPU or driver).");
 
-  m.def("cuda_runtime_version", []() {
-    int version = 0;
-    check(cudaRuntimeGetVersion(&version), "cuda_runtime_version");
-    return version;
-  }, "CUDA runtime version the module was built with (e.g. 13000).");
+  m.def(
+      "cuda_runtime_version",
+      []() {
+        int version = 0;
+        check(cudaRuntimeGetVersion(&version), "cuda_runtime_version");
+        return version;
+      },
+      py::call_guard<py::gil_scoped_release>(), "CUDA runtime version the module was built with (e.g. 13000).");
 
   m.def(
       "agc",
       [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t table, std::int64_t n_units,
-         const std::string& dtype, double clip_factor, double eps, int device, std::uintptr_t stream) {
-        use_device("agc", device);
-        const nfk::DType type = parse_dtype("agc", dtype);
-        check(nfk::agc(type, ptr<void>(grad), ptr<const void>(weight), ptr<const std::int64_t>(table), n_units,
-                       clip_factor, eps, ptr<CUstream_st>(stream)),
-              "agc");
+         const std::string& grad_dtype, const std::string& weight_dtype, double clip_factor, double eps, int device,
+         std::uintptr_t stream) {
+        const char* what = "agc";
+        const nfk::DType g_type = parse_dtype(what, grad_dtype), w_type = parse_dtype(what, weight_dtype);
+        const DeviceGuard guard(what, device);
+        check(nfk::agc(g_type, w_type, ptr<void>(grad), ptr<const void>(weight), ptr<const std::int64_t>(table),
+                       n_units, clip_factor, eps, ptr<CUstream_st>(stream)),
+              what);
       },
-      py::arg("grad"), py::arg("weight"), py::arg("table"), py::arg("n_units"), py::arg("dtype"),
-      py::arg("clip_factor"), py::arg("eps"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      py::arg("grad"), py::arg("weight"), py::arg("table"), py::arg("n_units"), py::arg("grad_dtype"),
+      py::arg("weight_dtype"), py::arg("clip_factor"), py::arg("eps"), py::arg("device"), py::arg("stream"),
       "Unit-wise AGC of every row of a (n_units, 3) int64 table (grad offset, weight offset, length),\n"
-      "in place on grad, in one launch on `stream` of `device`.");
+      "in place on grad, in one launch on `stream` of `device`. grad and weight dtypes may differ.");
 
   m.def(
       "sgd_agc",
       [](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t momentum_buffer, std::uintptr_t table,
-         std::int64_t n_rows, const std::string& dtype, double lr, double momentum, double weight_decay,
-         double clip_factor, double eps, bool clip, bool has_momentum, bool nesterov, int device,
-         std::uintptr_t stream) {
-        use_device("sgd_agc", device);
-        const nfk::DType type = parse_dtype("sgd_agc", dtype);
+         std::int64_t n_rows, const std::string& param_dtype, const std::string& grad_dtype, double lr,
+         double momentum, double weight_decay, double clip_factor, double eps, bool clip, bool has_momentum,
+         bool nesterov, int device, std::uintptr_t stream) {
+        const char* what = "sgd_agc";
+        const nfk::DType p_type = parse_dtype(what, param_dtype), g_type = parse_dtype(what, grad_dtype);
         const nfk::SgdAgcOptions options{lr, momentum, weight_decay, clip_factor, eps, clip, has_momentum, nesterov};
-        check(nfk::sgd_agc(type, ptr<void>(param), ptr<const void>(grad), ptr<void>(momentum_buffer),
+        const DeviceGuard guard(what, device);
+        check(nfk::sgd_agc(p_type, g_type, ptr<void>(param), ptr<const void>(grad), ptr<void>(momentum_buffer),
                            ptr<const std::int64_t>(table), n_rows, options, ptr<CUstream_st>(stream)),
-              "sgd_agc");
+              what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("table"), py::arg("n_rows"),
-      py::arg("dtype"), py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("clip_factor"),
-      py::arg("eps"), py::arg("clip"), py::arg("has_momentum"), py::arg("nesterov"),
+      py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"),
+      py::arg("clip_factor"), py::arg("eps"), py::arg("clip"), py::arg("has_momentum"), py::arg("nesterov"),
       py::arg("device"), py::arg("stream"),
       "SGD (nesterov optional) with AGC over a (n_rows, 4) int64 table (param, grad, buffer offsets,\n"
-      "length), updating param and momentum_buffer in one launch on `stream` of `device`.");
+      "length), updating param and momentum_buffer (param_dtype) in one launch on `stream` of\n"
+      "`device`. grad's dtype may differ from param's.");
 
   m.def(
       "weight_standardize_fwd",
@@ -162,13 +196,14 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t stream) {
         const char* what = "weight_standardize_fwd";
         const nfk::DType w_type = parse_dtype(what, weight_dtype), o_type = parse_dtype(what, out_dtype);
-        use_device(what, device);
+        const DeviceGuard guard(what, device);
         check(nfk::weight_standardize_fwd(w_type, o_type,
                                           ptr<const void>(weight), ptr<const void>(gain), ptr<void>(out),
                                           ptr<void>(mean), ptr<void>(s0), ptr<void>(q), n_rows, row_len, gamma_scaled,
                                           eps, deepmind, ptr<CUstream_st>(stream)),
               what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("weight"), py::arg("gain"), py::arg("out"), py::arg("mean"), py::arg("s0"), py::arg("q"),
       py::arg("n_rows"), py::arg("row_len"), py::arg("weight_dtype"), py::arg("out_dtype"), py::arg("gamma_scaled"),
       py::arg("eps"), py::arg("deepmind"), py::arg("device"), py::arg("stream"),
@@ -182,7 +217,7 @@ PYBIND11_MODULE(_C, m) {
          const std::string& dout_dtype, const std::string& weight_dtype, int device, std::uintptr_t stream) {
         const char* what = "weight_standardize_bwd";
         const nfk::DType d_type = parse_dtype(what, dout_dtype), w_type = parse_dtype(what, weight_dtype);
-        use_device(what, device);
+        const DeviceGuard guard(what, device);
         check(nfk::weight_standardize_bwd(d_type, w_type,
                                           ptr<const void>(dout), ptr<const void>(weight), ptr<const void>(gain),
                                           ptr<const void>(mean), ptr<const void>(s0), ptr<const void>(q),
@@ -190,6 +225,7 @@ PYBIND11_MODULE(_C, m) {
                                           ptr<CUstream_st>(stream)),
               what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("dout"), py::arg("weight"), py::arg("gain"), py::arg("mean"), py::arg("s0"), py::arg("q"),
       py::arg("dweight"), py::arg("dgain"), py::arg("n_rows"), py::arg("row_len"), py::arg("dout_dtype"),
       py::arg("weight_dtype"), py::arg("device"), py::arg("stream"),
@@ -207,10 +243,11 @@ PYBIND11_MODULE(_C, m) {
         const nfk::DType type = parse_dtype(what, dtype);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
         const nfk::Activation a = parse_activation(what, act);
-        use_device(what, device);
+        const DeviceGuard guard(what, device);
         check(nfk::scaled_act_fwd(type, a, ptr<const void>(x), b, ptr<void>(y), view, coeff, ptr<CUstream_st>(stream)),
               what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("cols"), py::arg("channels"),
       py::arg("channel_on_rows"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("act"), py::arg("coeff"),
       py::arg("device"), py::arg("stream"),
@@ -241,11 +278,12 @@ PYBIND11_MODULE(_C, m) {
         if (dbias != 0 && (b.data == nullptr || workspace == 0)) {
           throw std::invalid_argument(std::string("nfkernels._C.") + what + ": dbias needs bias and a workspace");
         }
-        use_device(what, device);
+        const DeviceGuard guard(what, device);
         check(nfk::scaled_act_bwd(type, a, ptr<const void>(dy), ptr<const void>(x), b, ptr<void>(dx), ptr<void>(dbias),
                                   ptr<void>(workspace), view, coeff, ptr<CUstream_st>(stream)),
               what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dx"), py::arg("dbias"), py::arg("workspace"),
       py::arg("rows"), py::arg("cols"), py::arg("channels"), py::arg("channel_on_rows"), py::arg("dtype"),
       py::arg("bias_dtype"), py::arg("act"), py::arg("coeff"), py::arg("device"), py::arg("stream"),
@@ -261,9 +299,10 @@ PYBIND11_MODULE(_C, m) {
         const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
         const nfk::DType type = parse_dtype(what, dtype);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
-        use_device(what, device);
+        const DeviceGuard guard(what, device);
         check(nfk::se_pool(type, ptr<const void>(h), b, ptr<void>(pool), shape, ptr<CUstream_st>(stream)), what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("h"), py::arg("bias"), py::arg("pool"), py::arg("n"), py::arg("c"), py::arg("hw"),
       py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("device"), py::arg("stream"),
       "pool[n, c] = mean over hw of h + b_c, (n, c) in the accumulation dtype; h dense NCHW or channels_last.");
@@ -279,11 +318,12 @@ PYBIND11_MODULE(_C, m) {
         const nfk::DType type = parse_dtype(what, dtype);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
         const nfk::ChannelParam sb = channel_param(what, "shortcut_bias", shortcut_bias, shortcut_bias_dtype, dtype);
-        use_device(what, device);
+        const DeviceGuard guard(what, device);
         check(nfk::se_gate_fwd(type, ptr<const void>(h), ptr<const void>(shortcut), ptr<const void>(coef), b, sb,
                                ptr<void>(out), shape, ptr<CUstream_st>(stream)),
               what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("h"), py::arg("shortcut"), py::arg("coef"), py::arg("bias"), py::arg("shortcut_bias"), py::arg("out"),
       py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"),
       py::arg("shortcut_bias_dtype"), py::arg("device"), py::arg("stream"),
@@ -299,11 +339,12 @@ PYBIND11_MODULE(_C, m) {
         const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
         const nfk::DType type = parse_dtype(what, dtype);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
-        use_device(what, device);
+        const DeviceGuard guard(what, device);
         check(nfk::se_gate_bwd_reduce(type, ptr<const void>(dout), ptr<const void>(h), b, ptr<void>(s1), ptr<void>(s2),
                                       shape, ptr<CUstream_st>(stream)),
               what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("dout"), py::arg("h"), py::arg("bias"), py::arg("s1"), py::arg("s2"), py::arg("n"), py::arg("c"),
       py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("device"),
       py::arg("stream"),
@@ -317,11 +358,12 @@ PYBIND11_MODULE(_C, m) {
         const char* what = "se_gate_bwd";
         const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
         const nfk::DType type = parse_dtype(what, dtype);
-        use_device(what, device);
+        const DeviceGuard guard(what, device);
         check(nfk::se_gate_bwd(type, ptr<const void>(dout), ptr<const void>(coef), ptr<const void>(dpool_over_hw),
                                ptr<void>(dh), shape, ptr<CUstream_st>(stream)),
               what);
       },
+      py::call_guard<py::gil_scoped_release>(),
       py::arg("dout"), py::arg("coef"), py::arg("dpool_over_hw"), py::arg("dh"), py::arg("n"), py::arg("c"),
       py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
       "dh = dout*coef[n, c] + dpool_over_hw[n, c] (the latter may be 0: no SE), in dout's layout and dtype.");

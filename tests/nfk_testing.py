@@ -14,7 +14,7 @@ def backends_for(supported=("torch", "triton", "cuda")) -> list[str]:
     out = ["torch"]
     if "triton" in supported and (ON_GPU or _backend.triton_interpreting()):
         out.append("triton")
-    if "cuda" in supported and ON_GPU and _backend.cuda_extension() is not None:
+    if "cuda" in supported and ON_GPU and _backend.cuda_extension_usable():
         out.append("cuda")
     return out
 

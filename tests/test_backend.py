@@ -65,13 +65,27 @@ def test_environment_variable_sets_the_default():
 # ----------------------------------------------------------------------------- "auto" on CUDA
 
 
+class FakeExtension:
+    """Stands in for nfkernels._C: its CUDA runtime sees `devices` GPUs."""
+
+    def __init__(self, devices: int):
+        self.devices = devices
+
+    def device_count(self) -> int:
+        return self.devices
+
+    def cuda_runtime_version(self) -> int:
+        return 13000
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """resolve() as on a machine with a GPU called "NVIDIA H100 80GB HBM3" and the extension."""
     from nfkernels import _autotable
 
+    extension = FakeExtension(1)
     monkeypatch.setattr(_backend, "cuda_device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: extension)
     monkeypatch.setattr(_autotable, "TABLE", {
         "": {"scaled_act": "triton", "weight_standardize": "triton"},
         "NVIDIA H100": {"scaled_act": "cuda"},
@@ -100,10 +114,43 @@ def test_auto_needs_the_backend_it_picks(fake_gpu):
     assert _backend.resolve("weight_standardize", cuda, supported=("torch", "triton")) == "triton"
     fake_gpu.setattr(_backend, "cuda_extension", lambda: None)
     assert _backend.resolve("weight_standardize", cuda, supported=ALL) == "triton"
-    fake_gpu.setattr(_backend, "cuda_extension", lambda: object())
+    fake_gpu.setattr(_backend, "cuda_extension", lambda: FakeExtension(1))
     fake_gpu.setattr(_backend, "triton_available", lambda: False)
     assert _backend.resolve("agc_", cuda, supported=ALL) == "cuda"  # the only kernels there are
     assert _backend.resolve("agc_", cuda, supported=("torch", "triton")) == "torch"
+
+
+def test_auto_skips_an_extension_whose_runtime_sees_no_gpu(fake_gpu):
+    """torch sees a GPU but the extension's CUDA runtime does not (a driver older than that
+    runtime needs): "auto" must not pick kernels that cannot launch."""
+    cuda = torch.device("cuda", 0)
+    blind = FakeExtension(0)
+    fake_gpu.setattr(_backend, "cuda_extension", lambda: blind)
+    assert _backend.resolve("weight_standardize", cuda, supported=ALL) == "triton"  # the table says cuda
+    fake_gpu.setattr(_backend, "triton_available", lambda: False)
+    assert _backend.resolve("agc_", cuda, supported=ALL) == "torch"
+
+
+def test_explicit_cuda_with_a_blind_extension_names_the_cause(fake_gpu):
+    fake_gpu.setattr(_backend, "cuda_extension", lambda: FakeExtension(0))
+    nfk.set_backend("cuda")
+    with pytest.raises(RuntimeError, match=r"CUDA runtime 13\.0.*sees no GPU.*driver"):
+        _backend.resolve("agc_", torch.device("cuda", 0), supported=ALL)
+
+
+def test_extension_device_count_is_asked_once(fake_gpu):
+    calls = []
+
+    class Counting(FakeExtension):
+        def device_count(self):
+            calls.append(1)
+            return super().device_count()
+
+    extension = Counting(1)
+    fake_gpu.setattr(_backend, "cuda_extension", lambda: extension)
+    for _ in range(3):
+        assert _backend.resolve("weight_standardize", torch.device("cuda", 0), supported=ALL) == "cuda"
+    assert len(calls) == 1
 
 
 def test_explicit_backend_ignores_the_table(fake_gpu):

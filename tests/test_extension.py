@@ -6,8 +6,10 @@ test_weight_standardize.py, test_scaled_act.py and test_se_gate.py, whose cases 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,9 +51,9 @@ def test_links_neither_libtorch_nor_shared_cudart():
 def test_call_without_device_raises_clear_error():
     assert _C.device_count() == 0
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _C.agc(0, 0, 0, 1, "float32", 0.01, 1e-3, 0, 0)
+        _C.agc(0, 0, 0, 1, "float32", "float32", 0.01, 1e-3, 0, 0)
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _C.sgd_agc(0, 0, 0, 0, 1, "float32", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0)
+        _C.sgd_agc(0, 0, 0, 0, 1, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0)
     p = torch.nn.Parameter(torch.randn(3, 2))
     p.grad = torch.randn(3, 2)
     with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"), nfk.use_backend("cuda"):
@@ -101,7 +103,7 @@ def test_cuda_backend_on_cpu_tensors_is_refused(op):
 @pytest.mark.gpu
 def test_bad_dtype_name_is_a_type_error():
     with pytest.raises(TypeError, match="dtype"):
-        _C.agc(0, 0, 0, 1, "int8", 0.01, 1e-3, 0, 0)
+        _C.agc(0, 0, 0, 1, "int8", "float32", 0.01, 1e-3, 0, 0)
 
 
 def _metadata(tensors):
@@ -146,3 +148,226 @@ def test_cuda_ops_allocate_like_the_triton_ops(channels_last):
         bargs = (torch.empty_like(h), h, w1, w2, bias, torch.empty(()), torch.empty(2), pool, hidden, gate, 0.2, 2.0)
         grads = [op(*bargs) for op in (ops.se_gate_residual_bwd, ops.se_gate_residual_bwd_cuda)]
         assert _metadata(grads[0]) == _metadata(grads[1])
+
+
+# ----------------------------------------------------------------------- bindings on a fake runtime
+# python/bindings.cpp compiled against a stand-in CUDA runtime and stand-in kernels, so that
+# its device handling and GIL handling run on a machine without a GPU. The stand-ins record
+# the current device and whether the GIL was held when a kernel "launched"; the test drives
+# and reads them through ctypes.
+
+FAKE_RUNTIME = r"""
+#include <Python.h>
+
+#include "nfkernels.h"
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+int device_count = 0;
+thread_local int current_device = 0;  // the runtime's current device is per thread
+int set_device_calls = 0;
+int gil_held_at_launch = -1;
+int launch_device = -1;
+bool fail_launches = false;
+
+cudaError_t launch() {
+  gil_held_at_launch = PyGILState_Check();
+  launch_device = current_device;
+  return fail_launches ? cudaErrorInvalidValue : cudaSuccess;
+}
+}  // namespace
+
+extern "C" {
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = device_count;
+  return device_count > 0 ? cudaSuccess : cudaErrorNoDevice;
+}
+cudaError_t cudaGetDevice(int* device) { *device = current_device; return cudaSuccess; }
+cudaError_t cudaSetDevice(int device) {
+  ++set_device_calls;
+  if (device < 0 || device >= device_count) return cudaErrorInvalidDevice;
+  current_device = device;
+  return cudaSuccess;
+}
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+const char* cudaGetErrorString(cudaError_t) { return "fake CUDA error"; }
+cudaError_t cudaRuntimeGetVersion(int* version) { *version = 13000; return cudaSuccess; }
+}
+
+EXPORT void fake_reset(int count, int current, int fail) {
+  device_count = count;
+  current_device = current;
+  set_device_calls = 0;
+  gil_held_at_launch = -1;
+  launch_device = -1;
+  fail_launches = fail != 0;
+}
+EXPORT int fake_current_device() { return current_device; }
+EXPORT int fake_set_device_calls() { return set_device_calls; }
+EXPORT int fake_gil_held_at_launch() { return gil_held_at_launch; }
+EXPORT int fake_launch_device() { return launch_device; }
+
+namespace nfk {
+cudaError_t agc(DType, DType, void*, const void*, const int64_t*, int64_t, double, double, cudaStream_t) {
+  return launch();
+}
+cudaError_t sgd_agc(DType, DType, void*, const void*, void*, const int64_t*, int64_t, const SgdAgcOptions&,
+                    cudaStream_t) {
+  return launch();
+}
+cudaError_t weight_standardize_fwd(DType, DType, const void*, const void*, void*, void*, void*, void*, int64_t,
+                                   int64_t, double, double, bool, cudaStream_t) { return launch(); }
+cudaError_t weight_standardize_bwd(DType, DType, const void*, const void*, const void*, const void*, const void*,
+                                   const void*, void*, void*, int64_t, int64_t, cudaStream_t) { return launch(); }
+cudaError_t scaled_act_fwd(DType, Activation, const void*, ChannelParam, void*, const MatrixView&, double,
+                           cudaStream_t) { return launch(); }
+int64_t scaled_act_bwd_workspace(DType, const MatrixView& view) { return view.rows; }
+cudaError_t scaled_act_bwd(DType, Activation, const void*, const void*, ChannelParam, void*, void*, void*,
+                           const MatrixView&, double, cudaStream_t) { return launch(); }
+cudaError_t se_pool(DType, const void*, ChannelParam, void*, const SeShape&, cudaStream_t) { return launch(); }
+cudaError_t se_gate_fwd(DType, const void*, const void*, const void*, ChannelParam, ChannelParam, void*,
+                        const SeShape&, cudaStream_t) { return launch(); }
+cudaError_t se_gate_bwd_reduce(DType, const void*, const void*, ChannelParam, void*, void*, const SeShape&,
+                               cudaStream_t) { return launch(); }
+cudaError_t se_gate_bwd(DType, const void*, const void*, const void*, void*, const SeShape&, cudaStream_t) {
+  return launch();
+}
+}  // namespace nfk
+"""
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cuda_include_dir() -> Path | None:
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    return next((Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").is_file()),
+                None)
+
+
+@pytest.fixture(scope="module")
+def fake_bindings(tmp_path_factory):
+    """(module, control): python/bindings.cpp linked against FAKE_RUNTIME, and ctypes access to
+    the fake's state."""
+    import ctypes
+    import importlib.util
+    import sysconfig
+
+    import pybind11
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    cuda_include = _cuda_include_dir()
+    if compiler is None or cuda_include is None:
+        pytest.skip("needs a C++ compiler and the CUDA headers (set CUDA_HOME) to build the bindings on a fake runtime")
+    build = tmp_path_factory.mktemp("fake_bindings")
+    (build / "fake_runtime.cpp").write_text(FAKE_RUNTIME)
+    target = build / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    # -Bsymbolic: the bindings must call these stand-ins even where torch has loaded the real
+    # libcudart with global symbols.
+    subprocess.run(
+        [compiler, "-std=c++17", "-O0", "-shared", "-fPIC", "-fvisibility=hidden", "-Wl,-Bsymbolic",
+         f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}",
+         f"-I{cuda_include}", str(ROOT / "python" / "bindings.cpp"), str(build / "fake_runtime.cpp"),
+         "-o", str(target)],
+        check=True, capture_output=True, text=True)
+    spec = importlib.util.spec_from_file_location("_C", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, ctypes.CDLL(str(target))
+
+
+LAUNCHES = {
+    **CALLS,
+    "agc": (0, 0, 0, 1, "bfloat16", "float32", 0.01, 1e-3, 0, 0),
+    "sgd_agc": (0, 0, 0, 0, 1, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0),
+}
+
+
+def _on_device(args, device):
+    return (*args[:-2], device, args[-1])  # every launch ends with (device, stream)
+
+
+def test_every_launching_binding_is_checked_on_the_fake_runtime(fake_bindings):
+    module, _ = fake_bindings
+    launching = {name for name in dir(module) if re.search(r"\bstream\b", getattr(module, name).__doc__ or "")}
+    assert launching == set(LAUNCHES)
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHES))
+def test_launch_releases_the_gil(fake_bindings, name):
+    module, fake = fake_bindings
+    fake.fake_reset(1, 0, 0)
+    getattr(module, name)(*LAUNCHES[name])
+    assert fake.fake_gil_held_at_launch() == 0, f"nfkernels._C.{name} holds the GIL while it launches"
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHES))
+def test_launch_on_another_device_restores_the_current_device(fake_bindings, name):
+    module, fake = fake_bindings
+    fake.fake_reset(2, 0, 0)
+    getattr(module, name)(*_on_device(LAUNCHES[name], 1))
+    assert fake.fake_launch_device() == 1
+    assert fake.fake_current_device() == 0, f"nfkernels._C.{name} on device 1 left device 1 current"
+    fake.fake_reset(2, 0, 1)  # the kernel fails: the error propagates and the device is restored
+    with pytest.raises(RuntimeError, match=f"nfkernels._C.{name}: CUDA error: fake CUDA error"):
+        getattr(module, name)(*_on_device(LAUNCHES[name], 1))
+    assert fake.fake_current_device() == 0
+    fake.fake_reset(2, 1, 0)  # already current: no switch at all
+    getattr(module, name)(*_on_device(LAUNCHES[name], 1))
+    assert fake.fake_launch_device() == 1 and fake.fake_set_device_calls() == 0
+
+
+def test_fake_runtime_without_device_raises_clear_error(fake_bindings):
+    module, fake = fake_bindings
+    fake.fake_reset(0, 0, 0)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        module.agc(*LAUNCHES["agc"])
+    fake.fake_reset(2, 0, 0)
+    with pytest.raises(ValueError, match="device index 2 out of range"):
+        module.agc(*_on_device(LAUNCHES["agc"], 2))
+    assert fake.fake_current_device() == 0 and fake.fake_launch_device() == -1
+
+
+# ------------------------------------------------------------------------------- on real GPUs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (an op on cuda:1, cuda:0 current)")
+def test_op_on_second_gpu_keeps_the_current_device():
+    torch.cuda.set_device(0)
+    x = torch.randn(2, 6, 5, 7, device="cuda:1")
+    p = torch.nn.Parameter(torch.randn(8, 4, 3, 3, device="cuda:1"))
+    p.grad = torch.randn_like(p) * 10  # large enough that every unit is clipped
+    grad = p.grad.clone()
+    with nfk.use_backend("cuda"):
+        y = nfk.scaled_act(x)
+        assert torch.cuda.current_device() == 0, "a CUDA-backend op on cuda:1 changed the current device"
+        nfk.agc_([p])
+        assert torch.cuda.current_device() == 0, "a CUDA-backend op on cuda:1 changed the current device"
+    torch.cuda.synchronize(1)
+    with nfk.use_backend("torch"):
+        torch.testing.assert_close(y, nfk.scaled_act(x))
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = grad
+        nfk.agc_([q])
+    torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.gpu
+def test_launches_from_threads_give_the_right_results():
+    """Launches release the GIL, so several Python threads launch at once: each gets its own
+    result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [torch.randn(4, 16, 9, 9, device="cuda") for _ in range(8)]
+
+    def run(x):
+        with nfk.use_backend("cuda"):
+            return [nfk.scaled_act(x, act="silu") for _ in range(20)][-1]
+
+    with ThreadPoolExecutor(4) as pool:
+        ys = list(pool.map(run, xs))
+    torch.cuda.synchronize()
+    with nfk.use_backend("torch"):
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(y, nfk.scaled_act(x, act="silu"))
