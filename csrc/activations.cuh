@@ -2,7 +2,9 @@
 // accumulation type (float, double for fp64). Formulas: nfkernels/ops/scaled_act.py's docstring
 // and its _act_fwd / _act_grad (same stable forms; CUDA's own expm1, log1p, tanh, erfc are
 // accurate, so no hand-built versions are needed). Kinks follow torch: f'(0) = 0 for relu and
-// relu6 (and f'(6) = 0), the z ≤ 0 branch elsewhere.
+// relu6 (and f'(6) = 0), the z ≤ 0 branch elsewhere. So does NaN: every comparison below is
+// written the way torch's own kernels write it, so that NaN (for which it is false) gives
+// f(NaN) = NaN and torch's f'(NaN) (1 for relu, relu6, elu; λ for selu; 0.01 for leaky_relu).
 #pragma once
 
 #include "matrix_tiles.cuh"
@@ -23,11 +25,11 @@ __device__ __forceinline__ Acc act_fwd(Acc z) {
     // ½(1 + tanh u) = σ(2u), u = √(2/π)(z + 0.044715 z³).
     return z * sigmoid(Acc(1.5957691216057308) * (z + Acc(0.044715) * z * z * z));
   } else if constexpr (A == Activation::kRelu) {
-    return z > Acc(0) ? z : Acc(0);
+    return z < Acc(0) ? Acc(0) : z;
   } else if constexpr (A == Activation::kSilu) {
     return z * sigmoid(z);
   } else if constexpr (A == Activation::kRelu6) {
-    return z > Acc(0) ? (z < Acc(6) ? z : Acc(6)) : Acc(0);
+    return z < Acc(0) ? Acc(0) : (z > Acc(6) ? Acc(6) : z);
   } else if constexpr (A == Activation::kElu) {
     return z > Acc(0) ? z : expm1(z);
   } else if constexpr (A == Activation::kLeakyRelu) {
@@ -59,18 +61,18 @@ __device__ __forceinline__ Acc act_grad(Acc z) {
     const Acc du = Acc(0.7978845608028654) * (Acc(1) + Acc(0.134145) * z * z);
     return s + Acc(2) * z * s * (Acc(1) - s) * du;
   } else if constexpr (A == Activation::kRelu) {
-    return z > Acc(0) ? Acc(1) : Acc(0);
+    return z <= Acc(0) ? Acc(0) : Acc(1);
   } else if constexpr (A == Activation::kSilu) {
     const Acc s = sigmoid(z);
     return s * (Acc(1) + z * (Acc(1) - s));
   } else if constexpr (A == Activation::kRelu6) {
-    return z > Acc(0) && z < Acc(6) ? Acc(1) : Acc(0);
+    return z <= Acc(0) || z >= Acc(6) ? Acc(0) : Acc(1);
   } else if constexpr (A == Activation::kElu) {
-    return z > Acc(0) ? Acc(1) : exp(z);
+    return z <= Acc(0) ? exp(z) : Acc(1);
   } else if constexpr (A == Activation::kLeakyRelu) {
     return z > Acc(0) ? Acc(1) : Acc(0.01);
   } else if constexpr (A == Activation::kSelu) {
-    return Acc(1.0507009873554805) * (z > Acc(0) ? Acc(1) : Acc(1.6732632423543772) * exp(z));
+    return Acc(1.0507009873554805) * (z <= Acc(0) ? Acc(1.6732632423543772) * exp(z) : Acc(1));
   } else if constexpr (A == Activation::kSigmoid) {
     const Acc s = sigmoid(z);
     return s * (Acc(1) - s);

@@ -36,7 +36,13 @@ def _resolve(op: str, device: torch.device) -> str:
     ContextVar behind ``use_backend``, so while compiling the choice is evaluated once at trace
     time and baked into the graph as a constant (errors for unavailable backends still raise).
     A compiled function therefore keeps the backend it was traced with; ``torch.compiler.reset()``
-    after changing backends retraces it."""
+    after changing backends retraces it.
+
+    Meta tensors (models built under ``torch.device("meta")``: FSDP2's deferred init, FLOP
+    counters, shape inference) take the torch path whatever the backend: they hold no data for a
+    kernel to read, and every backend gives outputs of the same shapes and dtypes."""
+    if device.type == "meta":
+        return "torch"
     if torch.compiler.is_compiling():
         return _resolve_while_tracing(op, device)
     return _backend.resolve(op, device, supported=BACKENDS)
@@ -81,7 +87,8 @@ def weight_standardize(
     fp32 (fp64 for fp64 weights); the result has weight's shape and memory layout and dtype
     ``out_dtype`` (None: weight's dtype). Under autocast, pass the autocast dtype so that Ŵ is
     written once in the compute dtype from fp32 statistics (WSConv2d does). Differentiable with
-    respect to weight and gain; their gradients come back in their own dtypes.
+    respect to weight and gain; their gradients come back in their own dtypes. An empty weight
+    (O = 0 or N = 0) gives an empty Ŵ, on which nothing depends: both gradients are zeros.
     """
     op = "weight_standardize"
     check_tensor(op, "weight", weight, min_ndim=2)
@@ -96,7 +103,7 @@ def weight_standardize(
         raise TypeError(f"{op}: out_dtype must be None or one of {FLOAT_DTYPES}; got {out_dtype!r}")
     backend = _resolve(op, weight.device)
     if weight.numel() == 0:
-        return weight.to(out_dtype or weight.dtype, copy=True)
+        return _ws.weight_standardize_empty(weight, gain, out_dtype)
     if backend == "torch":
         return _ws.weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype)
     if backend == "cuda":
@@ -156,6 +163,10 @@ def se_gate_residual(
     (NCHW or channels_last). h and shortcut share a dtype; the parameters have it too, or are
     float32 next to float16/bfloat16 h (autocast), and get gradients in their own dtypes.
     Differentiable with respect to every tensor argument but mask.
+
+    With H·W = 0 the output is empty and every gradient is exactly 0 (no output element depends on
+    any input); p is then taken as 0 rather than torch's NaN mean of an empty map, which would
+    turn the SE weights' zero gradients into 0·NaN = NaN.
     """
     op = "se_gate_residual"
     check_tensor(op, "h", h, ndim=4)

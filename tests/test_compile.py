@@ -46,6 +46,20 @@ def test_opcheck_scaled_act(dtype, channels_last):
     torch.library.opcheck(ops.scaled_act_bwd, (dy, x.detach(), bias.detach(), "gelu", 1.7, True))
 
 
+def test_registered_ops_on_meta_tensors():
+    """The ops themselves (not only the public API, which takes the torch path on meta) give
+    outputs on the meta device and launch nothing: their meta implementation is their body."""
+    meta = torch.device("meta")
+    w, gain = torch.empty(5, 3, 3, 3, device=meta), torch.empty(5, 1, 1, 1, device=meta)
+    w_hat, *stats = ops.weight_standardize_fwd(w, gain, 1.0, 1e-5, False, torch.bfloat16)
+    assert w_hat.is_meta and w_hat.shape == w.shape and w_hat.dtype == torch.bfloat16
+    x = torch.empty(2, 3, 4, 5, device=meta).to(memory_format=torch.channels_last)
+    y = ops.scaled_act_fwd(x, torch.empty(3, device=meta), "gelu", 1.7)
+    assert y.is_meta and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    dx, dbias = ops.scaled_act_bwd(torch.empty_like(x), x, torch.empty(3, device=meta), "gelu", 1.7, True)
+    assert dx.is_meta and dx.shape == x.shape and dbias.shape == (3,)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_se", [True, False])

@@ -1,11 +1,13 @@
 """NFNet against timm: the tiny dm_nfnet-style reference in ../shared/data/timm_nfnet_tiny.pt
 (timm 1.0.29, float64, randomized parameters) and the paper's parameter counts."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nfkernels as nfk
-from nfkernels.models import NFNet, NFNetConfig, nfnet, paper_regularization
+from nfkernels.models import TINY_CONFIG, NFNet, NFNetConfig, nfnet, paper_regularization
 from nfk_testing import DEVICE, assert_close, backends_for, reference_data_path
 
 BACKENDS = backends_for(("torch", "triton"))
@@ -133,3 +135,23 @@ def test_channels_last_end_to_end_matches_timm(reference, backend):
     assert_close(logits, case["logits"], tol[0], "logits")
     for name, ref in case["grads"].items():
         assert_close(grads[name], ref, tol[1], name)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("flavor", ["timm", "deepmind"])
+def test_builds_and_trains_on_meta_device(flavor, backend):
+    """Issue 10, item 12: an NFNet built under torch.device("meta") (FSDP2's deferred init, FLOP
+    counters, shape inference) runs forward and backward there, in training mode with dropout and
+    stochastic depth, and every parameter gets a meta gradient of its shape and dtype."""
+    with torch.device("meta"):
+        model = NFNet(replace(TINY_CONFIG, drop_rate=0.2, drop_path_rate=0.1), num_classes=10, flavor=flavor)
+        x = torch.randn(2, 3, 33, 31)
+        labels = torch.randint(0, 10, (2,))
+    model.train()
+    with nfk.use_backend(backend):
+        logits = model(x)
+        assert (logits.shape, logits.dtype, logits.device.type) == ((2, 10), torch.float32, "meta")
+        F.cross_entropy(logits, labels).backward()
+    for name, p in model.named_parameters():
+        assert p.device.type == "meta" and p.grad is not None, name
+        assert (p.grad.shape, p.grad.dtype, p.grad.device.type) == (p.shape, p.dtype, "meta"), name

@@ -263,3 +263,43 @@ def test_wsconv2d_compiles_in_eval_without_graph_breaks():
     compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
     with torch.no_grad(), nfk.use_backend("torch"):
         assert_close(compiled(x), conv(x), 1e-6, "compiled eval")
+
+
+# ------------------------------------------------------------------ meta device (issue 10, item 12)
+META_LAYERS = {
+    # name: (builder, input shape, output shape)
+    "wsconv2d": (lambda: WSConv2d(4, 8, 3), (2, 4, 9, 9), (2, 8, 9, 9)),
+    "wsconv2d_same_static": (lambda: WSConv2d(4, 8, 3, padding="same"), (2, 4, 9, 9), (2, 8, 9, 9)),
+    "wsconv2d_same_dynamic": (lambda: WSConv2d(4, 8, 3, stride=2, padding="same"), (2, 4, 9, 10), (2, 8, 5, 5)),
+    "wsconv2d_deepmind_grouped": (lambda: WSConv2d(4, 8, 3, groups=2, eps=1e-4, eps_mode="deepmind"),
+                                  (2, 4, 6, 6), (2, 8, 6, 6)),
+    "scaled_act": (lambda: ScaledAct("relu6", scale=0.5), (2, 4, 9, 9), (2, 4, 9, 9)),
+    "squeeze_excite": (lambda: SqueezeExcite(8, rd_ratio=0.5), (2, 8, 5, 5), (2, 8, 5, 5)),
+    "nfblock": (lambda: NFBlock(8, 16, stride=2, alpha=0.2, beta=0.9, group_size=4, ch_div=4, extra_conv=True,
+                                skipinit=True, attn_layer="se", same_padding=True, drop_path_rate=0.25),
+                (3, 8, 9, 9), (3, 16, 5, 5)),
+    "nfblock_identity_shortcut": (lambda: NFBlock(8, 8, attn_layer=None), (2, 8, 6, 6), (2, 8, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(META_LAYERS))
+def test_layers_run_on_meta_device(name, dtype, backend):
+    """Built under torch.device("meta"), every layer runs forward and backward there with any
+    backend set (no data, so the torch path computes the shapes); each parameter gets a meta
+    gradient of its own shape and dtype, and the no-grad (cached-weight) path runs too."""
+    build, in_shape, out_shape = META_LAYERS[name]
+    with torch.device("meta"):
+        layer = build().to(dtype).train()
+        x = torch.randn(in_shape, dtype=dtype, requires_grad=True)
+    with nfk.use_backend(backend):
+        out = layer(x)
+        assert (out.shape, out.dtype, out.device.type) == (out_shape, dtype, "meta")
+        out.backward(torch.ones_like(out))
+        with torch.no_grad():
+            assert layer.eval()(x).shape == out_shape
+    assert x.grad is not None and x.grad.shape == x.shape and x.grad.device.type == "meta"
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None, pname
+        assert (p.grad.shape, p.grad.dtype, p.grad.device.type) == (p.shape, dtype, "meta"), pname

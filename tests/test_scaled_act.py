@@ -209,6 +209,76 @@ def test_many_tiles_and_row_groups(monkeypatch, channels_last, bias_grad):
         assert bb.grad is None
 
 
+# f'(NaN) as torch's elementwise backward formulas define it (its CUDA kernels, and its CPU
+# kernels' scalar loops): they test z ≤ 0 (relu; relu6 also z ≥ 6; elu, celu, selu) or z > 0
+# (leaky_relu) and take the other branch when the comparison is false, as it is for NaN. The
+# smooth activations give NaN. f(NaN) is NaN for every activation.
+GRAD_AT_NAN = {act: math.nan for act in FORMULAS}
+GRAD_AT_NAN.update(relu=1.0, relu6=1.0, elu=1.0, celu=1.0, leaky_relu=0.01, selu=SELU_LAMBDA, identity=1.0)
+# torch's vectorized CPU backward of these gives 0 (relu6) or NaN (elu, celu, selu) at NaN inside
+# the SIMD body and the formula's value in the scalar tail, so the torch backend on CPU tensors
+# has no single f'(NaN) there to check.
+TORCH_CPU_NAN_GRAD_VARIES = {"relu6", "elu", "celu", "selu"}
+
+TORCH_FUNCTIONS = {
+    "gelu": torch.nn.functional.gelu, "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    "relu": torch.relu, "silu": torch.nn.functional.silu, "relu6": torch.nn.functional.relu6,
+    "elu": torch.nn.functional.elu, "celu": torch.nn.functional.celu,
+    "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, 0.01), "selu": torch.selu, "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh, "softplus": torch.nn.functional.softplus, "softsign": torch.nn.functional.softsign,
+    "log_sigmoid": torch.nn.functional.logsigmoid, "identity": lambda z: z,
+}
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_nan_table_is_torchs(act):
+    """GRAD_AT_NAN is torch's own answer: one element, so torch's scalar formula runs."""
+    z = torch.tensor([math.nan], dtype=torch.float64, requires_grad=True)
+    y = TORCH_FUNCTIONS[act](z)
+    y.backward(torch.ones_like(y))
+    assert y.isnan().all()
+    torch.testing.assert_close(z.grad, torch.tensor([GRAD_AT_NAN[act]], dtype=torch.float64), equal_nan=True,
+                               rtol=0, atol=0)
+
+
+def assert_nan_where_expected(got, want, tol, what, check=None):
+    """NaN exactly where want has NaN, and the rest within tol (only where ``check``, if given)."""
+    check = torch.ones_like(want, dtype=torch.bool) if check is None else check
+    got_nan, want_nan = got.isnan() & check, want.isnan() & check
+    same_nans = torch.equal(got_nan, want_nan)
+    assert same_nans, f"{what}: {int(got_nan.sum())} NaNs where {int(want_nan.sum())} are expected"
+    finite = ~want.isnan() & check
+    assert_close(got[finite], want[finite], tol, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nan_propagates_like_torch(backend, act, channels_last, dtype):
+    """NaN inputs give NaN outputs and torch's f'(NaN) in dx (issue 10, item 6); the other
+    elements are unaffected. A max/min or `z > 0 ? z : 0` form would turn NaN into 0."""
+    x, bias, dout = make_inputs((2, 3, 4, 5), dtype, channels_last=channels_last, seed=81)
+    nan_at = torch.zeros(x.shape, dtype=torch.bool, device=DEVICE)
+    nan_at[0, 1, 2, :3] = True
+    nan_at[1, 1, 0, 4] = True
+    x = x.masked_fill(nan_at, math.nan)
+    gamma, scale = nfk.NF_GAMMA[act], 0.8
+    got = run_and_grad(x, bias, dout, backend, act=act, scale=scale)
+    out64, dx64, _ = reference_and_grad(x.masked_fill(nan_at, 1.0), bias, dout, act, gamma, scale)
+    out64 = out64.detach().masked_fill(nan_at, math.nan)
+    dx64 = torch.where(nan_at, dout.double() * (gamma * scale * GRAD_AT_NAN[act]), dx64)
+    db64 = dx64.sum(dim=(0, 2, 3))  # NaN in channel 1 exactly when f'(NaN) is NaN
+    tol = tolerance(dtype, backend)
+    assert_nan_where_expected(got[0], out64, tol, "forward")
+    if backend == "torch" and DEVICE.type == "cpu" and act in TORCH_CPU_NAN_GRAD_VARIES:
+        assert_nan_where_expected(got[1], dx64, tol, "dx", check=~nan_at)
+        assert_nan_where_expected(got[2], db64, tol, "dbias", check=torch.arange(3, device=DEVICE) != 1)
+    else:
+        assert_nan_where_expected(got[1], dx64, tol, "dx")
+        assert_nan_where_expected(got[2], db64, tol, "dbias")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gamma_defaults_to_nf_table(backend):
     table = {"gelu": 1.7015043497085571, "relu": 1.7139588594436646, "silu": 1.7881293296813965,

@@ -248,6 +248,23 @@ def test_empty_batch(backend):
     assert g["h"].shape == (0, 6, 3, 3) and torch.equal(g["fc1_weight"], torch.zeros_like(t["fc1_weight"]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 6, 0, 3), (2, 6, 3, 0), (1, 6, 0, 0)], ids=str)
+@pytest.mark.parametrize("rd", [3, None], ids=["se", "no_se"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_empty_spatial(backend, shape, rd, channels_last):
+    """H·W = 0 (issue 10, item 7): the output has no elements, so no parameter influences the
+    loss and every gradient is exactly 0 (the pooled mean over an empty map must not turn the
+    SE weights' gradients into 0·NaN = NaN)."""
+    t, dout = make_inputs(shape, rd, ALL, torch.float32, channels_last, seed=30)
+    out, g = run_and_grad(t, dout, backend)
+    assert out.shape == shape and out.dtype == torch.float32
+    assert set(g) == {k for k in DIFFERENTIABLE if t.get(k) is not None}
+    for k, grad in g.items():
+        assert grad.shape == t[k].shape and grad.dtype == t[k].dtype, k
+        assert torch.equal(grad, torch.zeros_like(t[k])), f"d{k} is not 0: {grad.flatten()[:4].tolist()}"
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
 @pytest.mark.parametrize("rd", [3, None])
 def test_triton_kernels_are_what_runs(count_launches, rd):

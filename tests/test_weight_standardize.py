@@ -185,15 +185,37 @@ def test_no_grad_path(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(0, 3, 3, 3), (4, 0, 3, 3)])
-def test_empty_weight(backend, shape):
+@pytest.mark.parametrize("shape", [(0, 3, 3, 3), (4, 0, 3, 3), (4, 0, 1, 1), (0, 5), (3, 0)], ids=str)
+@pytest.mark.parametrize("gain_shape", ["timm", "flat"])
+@pytest.mark.parametrize("requires", ["both", "gain_only"])
+@pytest.mark.parametrize("mode", ["timm", "deepmind"])
+def test_empty_weight(backend, shape, gain_shape, requires, mode):
+    """No rows (O = 0) or empty rows (fan-in N = 0; issue 10, item 8): Ŵ has no elements, so the
+    loss depends on neither weight nor gain and both gradients are zeros of their own shapes."""
+    w = torch.empty(shape, device=DEVICE, requires_grad=requires == "both")
+    gain_size = (shape[0], *([1] * (len(shape) - 1))) if gain_shape == "timm" else (shape[0],)
+    gain = torch.full(gain_size, 1.5, device=DEVICE, requires_grad=True)
+    with nfk.use_backend(backend):
+        out = nfk.weight_standardize(w, gain, gamma=1.7, eps_mode=mode)
+    assert out.shape == w.shape and out.dtype == w.dtype
+    out.backward(torch.empty_like(out))
+    assert torch.equal(gain.grad, torch.zeros(gain_size, device=DEVICE))
+    if requires == "both":
+        assert torch.equal(w.grad, torch.zeros(shape, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 3, 3), (4, 0, 3, 3)], ids=str)
+def test_empty_weight_out_dtype(backend, shape):
+    """As under autocast: Ŵ in bfloat16, gradients back in the parameters' float32."""
     w = torch.empty(shape, device=DEVICE, requires_grad=True)
     gain = torch.ones(shape[0], 1, 1, 1, device=DEVICE, requires_grad=True)
     with nfk.use_backend(backend):
-        out = nfk.weight_standardize(w, gain)
-    assert out.shape == w.shape and out.dtype == w.dtype
+        out = nfk.weight_standardize(w, gain, out_dtype=torch.bfloat16)
+    assert out.shape == w.shape and out.dtype == torch.bfloat16
     out.sum().backward()
-    assert w.grad.shape == w.shape
+    assert w.grad.dtype == gain.grad.dtype == torch.float32
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(gain.grad, torch.zeros_like(gain))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")

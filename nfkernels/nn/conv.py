@@ -79,7 +79,9 @@ class WSConv2d(nn.Conv2d):
     def _autocast_dtype(self) -> torch.dtype | None:
         """The dtype autocast would cast this conv's float32 weight to, or None outside autocast."""
         device_type = self.weight.device.type
-        if self.weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        # is_autocast_enabled raises for device types autocast does not know (meta).
+        if (self.weight.dtype == torch.float32 and torch.amp.is_autocast_available(device_type)
+                and torch.is_autocast_enabled(device_type)):
             return torch.get_autocast_dtype(device_type)
         return None
 

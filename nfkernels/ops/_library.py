@@ -34,11 +34,20 @@ def _first_tensor(args) -> torch.Tensor | None:
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
 
 
+def _is_meta(args) -> bool:
+    """Meta tensors (torch.device("meta"): deferred init, shape inference) have no data; the
+    op's fake implementation, which is its own body, allocates their outputs and launches nothing."""
+    first = _first_tensor(args)
+    return first is not None and first.is_meta
+
+
 def launch(kernel, grid, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``, traceable: a compiled kernel goes through wrap_triton
     (recorded as a kernel call while tracing, a plain launch otherwise); an interpreted kernel (or
     a test's stand-in for one) runs directly on real tensors and is skipped on fake ones, where
-    only the outputs' metadata matters."""
+    only the outputs' metadata matters. Nothing runs on meta tensors."""
+    if _is_meta(args):
+        return
     if isinstance(kernel, JITFunction):
         kernel = torch.library.wrap_triton(kernel)
     else:
@@ -91,9 +100,9 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 def cuda_launch(kernel: str, device: torch.device, *args) -> None:
     """``nfkernels._C.<kernel>(*args, device index, current stream)`` with each tensor argument
     passed as its data_ptr(), None (an absent tensor) as 0 and each torch.dtype by name.
-    Skipped on fake tensors, where only the outputs' metadata matters."""
+    Skipped on fake and meta tensors, where only the outputs' metadata matters."""
     first = _first_tensor(args)
-    if first is not None and is_fake(first):
+    if first is not None and (is_fake(first) or first.is_meta):
         return
     from nfkernels import _backend
 

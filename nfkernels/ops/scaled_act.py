@@ -30,9 +30,15 @@ The activations, z = x + b (σ the logistic sigmoid, Φ/φ the standard normal c
     identity     z                                    1
 
 Gradients at the kinks (z = 0, z = 6) follow torch: the derivative there is 0 for relu/relu6
-and the z ≤ 0 branch elsewhere. The kernels use the stable softplus above for every z; the torch
-path's F.softplus returns z itself for z > 20 (threshold=20), which differs by at most
-log1p(e^-20) ≈ 2e-9.
+and the z ≤ 0 branch elsewhere. NaN follows torch too: f(NaN) = NaN for every activation, and
+f'(NaN) is what torch's elementwise backward formulas give (its CUDA kernels; its vectorized CPU
+kernels are not self-consistent at NaN): they test z ≤ 0 (relu, relu6 also z ≥ 6, elu, celu,
+selu) or z > 0 (leaky_relu), which NaN fails, so f'(NaN) = 1 for relu, relu6, elu, celu, λ for
+selu, 0.01 for leaky_relu, and NaN for the smooth activations. The kernels write the branches
+in those same comparisons (tl.maximum/tl.minimum and ``z > 0 ? z : 0`` would return 0 for NaN).
+
+The kernels use the stable softplus above for every z; the torch path's F.softplus returns z
+itself for z > 20 (threshold=20), which differs by at most log1p(e^-20) ≈ 2e-9.
 
 Triton's libdevice (tanh, log1p, expm1) does not run under TRITON_INTERPRET=1, so the kernels
 build those from tl.exp/tl.log with accuracy-preserving forms (see _expm1, _log1p, _tanh).
@@ -124,11 +130,12 @@ def _act_fwd(z, ACT: tl.constexpr):
         # ½(1 + tanh(u)) = σ(2u): no cancellation where tanh(u) ≈ −1.
         y = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
     elif ACT == "relu":
-        y = tl.where(z > 0.0, z, 0.0)
+        # Comparisons false for NaN keep z, so NaN propagates (tl.maximum would return 0).
+        y = tl.where(z < 0.0, 0.0, z)
     elif ACT == "silu":
         y = z * tl.sigmoid(z)
     elif ACT == "relu6":
-        y = tl.minimum(tl.where(z > 0.0, z, 0.0), 6.0)
+        y = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
     elif ACT == "elu" or ACT == "celu":
         y = tl.where(z > 0.0, z, _expm1(z))
     elif ACT == "leaky_relu":
@@ -140,6 +147,7 @@ def _act_fwd(z, ACT: tl.constexpr):
     elif ACT == "tanh":
         y = _tanh(z)
     elif ACT == "softplus":
+        # max(z, 0) drops NaN, the log1p term keeps it.
         y = tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
     elif ACT == "softsign":
         y = z / (1.0 + tl.abs(z))
@@ -162,19 +170,20 @@ def _act_grad(z, ACT: tl.constexpr):
         du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)
         g = s + 2.0 * z * s * (1.0 - s) * du
     elif ACT == "relu":
-        g = tl.where(z > 0.0, 1.0, 0.0)
+        # Written as torch's backward tests it (z ≤ 0), so that f'(NaN) = 1 as in torch.
+        g = tl.where(z <= 0.0, 0.0, 1.0)
     elif ACT == "silu":
         s = tl.sigmoid(z)
         g = s * (1.0 + z * (1.0 - s))
     elif ACT == "relu6":
-        g = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
+        g = tl.where((z <= 0.0) | (z >= 6.0), 0.0, 1.0)
     elif ACT == "elu" or ACT == "celu":
-        g = tl.where(z > 0.0, 1.0, tl.exp(z))
+        g = tl.where(z <= 0.0, tl.exp(z), 1.0)
     elif ACT == "leaky_relu":
         # A scalar 0.01 would be typed fp32 and round fp64 gradients; this one has z's dtype.
         g = tl.where(z > 0.0, 1.0, tl.full(z.shape, 0.01, z.dtype))
     elif ACT == "selu":
-        g = 1.0507009873554805 * tl.where(z > 0.0, 1.0, 1.6732632423543772 * tl.exp(z))
+        g = 1.0507009873554805 * tl.where(z <= 0.0, 1.6732632423543772 * tl.exp(z), 1.0)
     elif ACT == "sigmoid":
         s = tl.sigmoid(z)
         g = s * (1.0 - s)

@@ -7,7 +7,7 @@ scalar k (1 without one), the per-sample stochastic-depth multipliers m_n (1 wit
 HW = H·W:
 
     hb   = h + b_c
-    p    = mean_hw hb                                   (N, C)
+    p    = mean_hw hb                                   (N, C; 0 when HW = 0, see below)
     a    = fc1(p) = p·W1ᵀ + b1,  r = relu(a),  z = fc2(r) = r·W2ᵀ + b2,  g = sigmoid(z)
     u    = α · m_n · attn_gain · g_{n,c}                (α · m_n without SE: no gain, no sigmoid)
     coef = k · u
@@ -24,6 +24,11 @@ The bias and the pooling are fused into one reduction, the gate, scalars and res
 streaming kernel; the MLP runs on (N, C) with torch matmuls. The backward reads dout twice and
 h once and writes dh once. dk is taken from u, never by dividing by k (k is 0 at init).
 
+With HW = 0 the output has no elements, so nothing depends on any parameter and every gradient
+is 0. The mean over the empty map is then taken as 0 (torch's and timm's is NaN, which would
+make S2·g(1 − g) = 0·NaN and the SE weights' gradients NaN); as p reaches no output element,
+the forward is unchanged. Empty inputs run on the torch path (``se_gate_residual_torch``).
+
 Two kernel sets implement the four kernels (pooling, gate forward, backward reduction, backward
 streaming): the Triton ones below and the CUDA ones of csrc/se_gate.cu. The host-side math
 (the SE MLP and its gradients, coef) is shared; each set is registered as its own pair of ops
@@ -31,6 +36,7 @@ streaming): the Triton ones below and the CUDA ones of csrc/se_gate.cu. The host
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -229,6 +235,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast_off(device_type: str):
+    """A context without autocast on ``device_type``; nothing for device types autocast does not
+    know (meta), where torch.autocast itself raises."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def se_pool_triton(h, bias):
@@ -408,7 +422,7 @@ def _forward(
     if fc1_weight is not None:
         pool = kernels.pool(h, bias)
         # The gate is computed in acc precision even under autocast, which would recast fc1/fc2.
-        with torch.autocast(h.device.type, enabled=False):
+        with _autocast_off(h.device.type):
             hidden = torch.relu(F.linear(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc)))
             gate = torch.sigmoid(F.linear(hidden, _acc_matrix(fc2_weight, acc), _acc_vector(fc2_bias, acc)))
         u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, gate)
@@ -538,7 +552,7 @@ se_gate_residual_fwd_cuda.register_autograd(_backward_through(se_gate_residual_b
 def se_gate_residual_triton(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
                             skip_gain, mask, alpha, attn_gain):
     """The Triton path (``torch.ops.nfkernels.se_gate_residual_fwd``); arguments as
-    ``nfkernels.se_gate_residual`` (validated there), N > 0."""
+    ``nfkernels.se_gate_residual`` (validated there), h not empty (empty h takes the torch path)."""
     return se_gate_residual_fwd(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
                                 skip_gain, mask, alpha, attn_gain)[0]
 
@@ -552,8 +566,9 @@ def se_gate_residual_cuda(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bia
 
 def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
                            skip_gain, mask, alpha, attn_gain):
-    """Plain PyTorch reference (the CPU path): the same formula from ordinary ops, autograd for the
-    gradients. fp16/bf16 inputs are computed in fp32 and the result cast back, like the kernels."""
+    """Plain PyTorch reference (the CPU path, and the path of every backend for empty h): the same
+    formula from ordinary ops, autograd for the gradients. fp16/bf16 inputs are computed in fp32
+    and the result cast back, like the kernels."""
     acc = _acc_dtype(h.dtype)
     c = h.shape[1]
     hb = h.to(acc)
@@ -565,9 +580,10 @@ def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bi
     if skip_gain is not None:
         coef = coef * skip_gain.to(acc).reshape(())
     if fc1_weight is not None:
-        pooled = hb.mean((2, 3), keepdim=True)
+        # The mean of an empty map is taken as 0, not torch's NaN (see se_gate_residual).
+        pooled = hb.sum((2, 3), keepdim=True) / max(h.shape[2] * h.shape[3], 1)
         # In acc precision even under autocast (as the kernels), which would recast the 1x1 convs.
-        with torch.autocast(h.device.type, enabled=False):
+        with _autocast_off(h.device.type):
             hidden = torch.relu(F.conv2d(pooled, fc1_weight.to(acc).reshape(*fc1_weight.shape[:2], 1, 1),
                                          _acc_vector(fc1_bias, acc)))
             z = F.conv2d(hidden, fc2_weight.to(acc).reshape(*fc2_weight.shape[:2], 1, 1),

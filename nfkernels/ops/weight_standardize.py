@@ -304,6 +304,18 @@ def weight_standardize_cuda(weight, gain, gamma, eps, deepmind, out_dtype=None):
     return weight_standardize_fwd_cuda(weight, gain, gamma, eps, deepmind, out_dtype)[0]
 
 
+def weight_standardize_empty(weight, gain, out_dtype=None):
+    """Ŵ for a weight without elements (O = 0 rows, or rows of N = 0): an empty tensor of weight's
+    shape in ``out_dtype`` (None: weight's dtype). No element of Ŵ depends on weight or
+    gain, so both gradients are zeros; Ŵ still depends on both in the graph, so that backward
+    returns those zeros (μ and σ² of an empty row, and 1/sqrt(N), are undefined: no kernel runs)."""
+    out = weight.to(out_dtype or weight.dtype, copy=True)
+    if gain is not None:
+        # Broadcasting gain over the empty Ŵ adds nothing; its gradient is a sum over no elements.
+        out = out + gain.reshape(weight.shape[0], *([1] * (weight.dim() - 1))).to(out.dtype)
+    return out
+
+
 def weight_standardize_torch(weight, gain, gamma, eps, deepmind, out_dtype=None):
     """Plain PyTorch reference (the CPU path): the same formula from torch ops, any dtype; the
     result in ``out_dtype`` (None: weight's dtype), autograd for the gradients."""
