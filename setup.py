@@ -87,7 +87,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     # numpy<2.4: Triton 3.6's CPU interpreter (used by the tests) converts 1-element arrays
     # to Python ints, which numpy 2.4 refuses inside kernel loops.
-    extras_require={"test": ["pytest>=7", "pytest-benchmark", "numpy<2.4"]},
+    extras_require={"test": ["pytest>=7", "pytest-benchmark", "hypothesis>=6", "numpy<2.4"]},
     ext_modules=[CMakeExtension("nfkernels._C")] if want_cuda_extension() else [],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -15,7 +15,7 @@ import importlib.metadata, importlib.util, shutil
 import torch
 need = []
 for module, spec in [("triton", "triton==3.6.0"), ("pybind11", "pybind11"), ("pytest", "pytest"),
-                     ("pytest_benchmark", "pytest-benchmark")]:
+                     ("pytest_benchmark", "pytest-benchmark"), ("hypothesis", "hypothesis>=6")]:
     if importlib.util.find_spec(module) is None:
         need.append(spec)
 for tool in ("cmake", "ninja"):

@@ -56,10 +56,12 @@ __device__ __forceinline__ Acc act_grad(Acc z) {
   if constexpr (A == Activation::kGelu) {
     return Acc(0.5) * erfc(Acc(-0.7071067811865476) * z) + z * Acc(0.3989422804014327) * exp(Acc(-0.5) * z * z);
   } else if constexpr (A == Activation::kGeluTanh) {
-    // With s = σ(2u): f = z·s, f' = s + z·2s(1 − s)·u'.
-    const Acc s = sigmoid(Acc(1.5957691216057308) * (z + Acc(0.044715) * z * z * z));
-    const Acc du = Acc(0.7978845608028654) * (Acc(1) + Acc(0.134145) * z * z);
-    return s + Acc(2) * z * s * (Acc(1) - s) * du;
+    // With s = σ(2u): f = z·s, f' = s + z·2s(1 − s)·u'. Beyond |z| = 1e6, f' is exactly 1 or 0,
+    // but z³ and z² would overflow and make 0·inf = NaN: clamp (comparisons that keep NaN).
+    const Acc zc = z > Acc(1e6) ? Acc(1e6) : (z < Acc(-1e6) ? Acc(-1e6) : z);
+    const Acc s = sigmoid(Acc(1.5957691216057308) * (zc + Acc(0.044715) * zc * zc * zc));
+    const Acc du = Acc(0.7978845608028654) * (Acc(1) + Acc(0.134145) * zc * zc);
+    return s + Acc(2) * zc * s * (Acc(1) - s) * du;
   } else if constexpr (A == Activation::kRelu) {
     return z <= Acc(0) ? Acc(0) : Acc(1);
   } else if constexpr (A == Activation::kSilu) {
@@ -74,8 +76,9 @@ __device__ __forceinline__ Acc act_grad(Acc z) {
   } else if constexpr (A == Activation::kSelu) {
     return Acc(1.0507009873554805) * (z <= Acc(0) ? Acc(1.6732632423543772) * exp(z) : Acc(1));
   } else if constexpr (A == Activation::kSigmoid) {
-    const Acc s = sigmoid(z);
-    return s * (Acc(1) - s);
+    // σ(z)σ(−z) = e/(1 + e)², e = exp(−|z|): s(1 − s) would cancel where σ(z) rounds to 1.
+    const Acc e = exp(-fabs(z));
+    return e / ((Acc(1) + e) * (Acc(1) + e));
   } else if constexpr (A == Activation::kTanh) {
     // 1 − tanh² = 4e/(1 + e)², e = exp(−2|z|): accurate where tanh rounds to ±1.
     const Acc e = exp(Acc(-2) * fabs(z));

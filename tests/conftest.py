@@ -13,6 +13,35 @@ import pytest  # noqa: E402
 
 import nfkernels  # noqa: E402,F401
 
+# Hypothesis profiles for the property suites (tests/test_properties_*.py). "ci" is the default:
+# 60 examples per test (the suite takes about 1.5 minutes on 2 CPU cores under the Triton
+# interpreter), derandomized (the same examples every run, so CI is reproducible and a failure
+# prints its @reproduce_failure blob), no example database, no explain phase. "thorough" draws
+# 400 random examples per test: `pytest --hypothesis-profile=thorough tests/test_properties_*.py`
+# or NFK_HYPOTHESIS_PROFILE=thorough. NFK_HYPOTHESIS_EXAMPLES=n overrides either budget.
+# Hypothesis keeps its example database and failure patches in $HYPOTHESIS_STORAGE_DIRECTORY,
+# by default in the system temp folder, not in a .hypothesis/ folder of the working tree.
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # only the property suites need hypothesis (.ci/setup-env.sh installs it)
+    settings = None
+if settings is not None:
+    import tempfile
+
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "nfkernels-hypothesis"))
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    _examples = os.environ.get("NFK_HYPOTHESIS_EXAMPLES")
+    settings.register_profile(
+        "ci", max_examples=int(_examples or 60), deadline=None, derandomize=True, database=None,
+        print_blob=True, suppress_health_check=_slow_ok,
+        phases=[p for p in Phase if p is not Phase.explain],  # explaining a failure costs many runs
+    )
+    settings.register_profile(
+        "thorough", max_examples=int(_examples or 400), deadline=None, print_blob=True,
+        suppress_health_check=_slow_ok,
+    )
+    settings.load_profile(os.environ.get("NFK_HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason elsewhere)")

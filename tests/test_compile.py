@@ -73,10 +73,10 @@ def test_opcheck_se_gate_residual(dtype, with_se):
     mask = torch.tensor([0.0, 2.0], dtype=dtype, device=DEVICE)
     args = (h, shortcut, *se, bias, sbias, skip, mask, 0.2, 2.0)
     torch.library.opcheck(ops.se_gate_residual_fwd, args)
-    _, pool, hidden, gate = ops.se_gate_residual_fwd(*args)
+    _, pool, hidden, logits = ops.se_gate_residual_fwd(*args)
     detached = [t.detach() if t is not None else None for t in (h, se[0], se[2], bias, skip, mask)]
     torch.library.opcheck(ops.se_gate_residual_bwd,
-                          (torch.randn_like(h), *detached, pool, hidden, gate, 0.2, 2.0))
+                          (torch.randn_like(h), *detached, pool, hidden, logits, 0.2, 2.0))
 
 
 class ConvActSE(nn.Module):

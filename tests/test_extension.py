@@ -144,8 +144,8 @@ def test_cuda_ops_allocate_like_the_triton_ops(channels_last):
                 torch.empty(2), 0.2, 2.0)
         outs = [op(*args) for op in (ops.se_gate_residual_fwd, ops.se_gate_residual_fwd_cuda)]
         assert _metadata(outs[0]) == _metadata(outs[1])
-        _, pool, hidden, gate = outs[1]
-        bargs = (torch.empty_like(h), h, w1, w2, bias, torch.empty(()), torch.empty(2), pool, hidden, gate, 0.2, 2.0)
+        _, pool, hidden, logits = outs[1]
+        bargs = (torch.empty_like(h), h, w1, w2, bias, torch.empty(()), torch.empty(2), pool, hidden, logits, 0.2, 2.0)
         grads = [op(*bargs) for op in (ops.se_gate_residual_bwd, ops.se_gate_residual_bwd_cuda)]
         assert _metadata(grads[0]) == _metadata(grads[1])
 

@@ -37,8 +37,14 @@ selu) or z > 0 (leaky_relu), which NaN fails, so f'(NaN) = 1 for relu, relu6, el
 selu, 0.01 for leaky_relu, and NaN for the smooth activations. The kernels write the branches
 in those same comparisons (tl.maximum/tl.minimum and ``z > 0 ? z : 0`` would return 0 for NaN).
 
-The kernels use the stable softplus above for every z; the torch path's F.softplus returns z
-itself for z > 20 (threshold=20), which differs by at most log1p(e^-20) ≈ 2e-9.
+Derivatives in saturated tails are formed without cancellation in the kernels (σ'(z) =
+e/(1 + e)² with e = e^−|z|, tanh' = 4e/(1 + e)² with e = e^−2|z|, softsign' = 1/(1 + |z|)²), and
+gelu_tanh' stays finite for any finite z. The torch path uses torch's own functions and their
+backward formulas, which torch takes from the rounded output (σ' = y(1 − y), tanh' = 1 − y²) or
+from a composite's autograd (softsign), and whose gelu_tanh' is NaN beyond |z| ≈ 1e13 (fp32):
+its derivatives there have only the absolute accuracy of the dtype, not the relative accuracy of
+DESIGN.md §6. Softplus and log_sigmoid are exact on both paths (the torch path uses logaddexp,
+not F.softplus, whose threshold of 20 is off by up to 2e-9).
 
 Triton's libdevice (tanh, log1p, expm1) does not run under TRITON_INTERPRET=1, so the kernels
 build those from tl.exp/tl.log with accuracy-preserving forms (see _expm1, _log1p, _tanh).
@@ -165,10 +171,13 @@ def _act_grad(z, ACT: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         g = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACT == "gelu_tanh":
-        # With s = σ(2u) = ½(1 + tanh u): f = z·s and f' = s + z·2s(1 − s)·u'.
-        s = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
-        du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-        g = s + 2.0 * z * s * (1.0 - s) * du
+        # With s = σ(2u) = ½(1 + tanh u): f = z·s and f' = s + z·2s(1 − s)·u'. Beyond |z| = 1e6
+        # f' is exactly 1 or 0 (s(1 − s) underflows to 0), but z³ and z² would overflow there and
+        # make 0·inf = NaN: the clamp (a where(), which keeps NaN) keeps them finite.
+        zc = tl.where(z > 1e6, 1e6, tl.where(z < -1e6, -1e6, z))
+        s = tl.sigmoid(1.5957691216057308 * (zc + 0.044715 * zc * zc * zc))
+        du = 0.7978845608028654 * (1.0 + 0.134145 * zc * zc)
+        g = s + 2.0 * zc * s * (1.0 - s) * du
     elif ACT == "relu":
         # Written as torch's backward tests it (z ≤ 0), so that f'(NaN) = 1 as in torch.
         g = tl.where(z <= 0.0, 0.0, 1.0)
@@ -185,8 +194,9 @@ def _act_grad(z, ACT: tl.constexpr):
     elif ACT == "selu":
         g = 1.0507009873554805 * tl.where(z <= 0.0, 1.6732632423543772 * tl.exp(z), 1.0)
     elif ACT == "sigmoid":
-        s = tl.sigmoid(z)
-        g = s * (1.0 - s)
+        # σ(z)σ(−z) = e/(1 + e)², e = exp(−|z|): s(1 − s) would cancel where σ(z) rounds to 1.
+        e = tl.exp(-tl.abs(z))
+        g = e / ((1.0 + e) * (1.0 + e))
     elif ACT == "tanh":
         # 1 − tanh²(z) = 4e/(1 + e)², e = exp(−2|z|): stays accurate where tanh(z) rounds to ±1.
         e = tl.exp(-2.0 * tl.abs(z))
@@ -492,10 +502,12 @@ _TORCH_ACTIVATIONS = {
     "selu": F.selu,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
-    "softplus": F.softplus,
+    # log(1 + e^z) = logaddexp(z, 0), exact in both directions: F.softplus returns z itself
+    # beyond its threshold of 20 (off by up to 2e-9, and f' = 1 instead of σ(z) there).
+    "softplus": lambda z: torch.logaddexp(z, z.new_zeros(())),
     "softsign": F.softsign,
-    # -softplus(-z) rather than F.logsigmoid, which returns channels_last inputs as NCHW.
-    "log_sigmoid": lambda z: -F.softplus(-z),
+    # −softplus(−z) rather than F.logsigmoid, which returns channels_last inputs as NCHW.
+    "log_sigmoid": lambda z: -torch.logaddexp(-z, z.new_zeros(())),
     "identity": lambda z: z,
 }
 

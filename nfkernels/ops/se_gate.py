@@ -16,7 +16,7 @@ HW = H·W:
 Backward, with S1 = Σ_hw dout and S2 = Σ_hw dout·hb per (n, c):
 
     ds = dout,  dsb_c = Σ_n S1,  dk = Σ_{n,c} S2·u
-    dz = S2 · k·α·m_n·attn_gain · g(1 − g)
+    dz = S2 · k·α·m_n·attn_gain · σ(z)σ(−z)     (= g(1 − g), without its cancellation at g ≈ 1)
     dW2 = dzᵀ·r,  db2 = Σ_n dz,  da = (dz·W2) ⊙ [a > 0],  dW1 = daᵀ·p,  db1 = Σ_n da,  dp = da·W1
     dh = dout·coef + dp/HW,  db_c = Σ_n (coef·S1 + dp)
 
@@ -411,9 +411,10 @@ def _forward(
     kernels: Kernels, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias, skip_gain, mask,
     alpha, attn_gain,
 ):
-    """Forward (module docstring) with ``kernels``. Returns (out in h's native layout, p, r, g),
+    """Forward (module docstring) with ``kernels``. Returns (out in h's native layout, p, r, z),
     the last three (N, C), (N, rd), (N, C) in the accumulation dtype for backward; empty (0,)
-    without SE (an op cannot return None)."""
+    without SE (an op cannot return None). The gate's logits z are kept, not g = σ(z): the
+    backward needs σ'(z) = σ(z)σ(−z), which g(1 − g) loses where g rounds to 1."""
     h = _native_layout(h)
     shortcut = _in_layout_of(shortcut, h) if shortcut is not None else None
     n, c = h.shape[:2]
@@ -424,17 +425,17 @@ def _forward(
         # The gate is computed in acc precision even under autocast, which would recast fc1/fc2.
         with _autocast_off(h.device.type):
             hidden = torch.relu(F.linear(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc)))
-            gate = torch.sigmoid(F.linear(hidden, _acc_matrix(fc2_weight, acc), _acc_vector(fc2_bias, acc)))
-        u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, gate)
+            logits = F.linear(hidden, _acc_matrix(fc2_weight, acc), _acc_vector(fc2_bias, acc))
+        u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, torch.sigmoid(logits))
     else:
-        pool, hidden, gate = (h.new_empty(0, dtype=acc) for _ in range(3))  # distinct: outputs may not alias
+        pool, hidden, logits = (h.new_empty(0, dtype=acc) for _ in range(3))  # distinct: outputs may not alias
         u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, None)
     coef = _times_skip(u, skip_gain, acc).contiguous()
     out = kernels.gate_fwd(h, shortcut, coef, bias, _flat(shortcut_bias))
-    return out, pool, hidden, gate
+    return out, pool, hidden, logits
 
 
-def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, gate,
+def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, logits,
                    alpha, attn_gain):
     """Backward (module docstring) with ``kernels``. Returns (dh in h's native layout and dtype,
     dW1 (rd, C), db1 (rd,), dW2 (C, rd), db2 (C,), dbias (C,), dshortcut_bias (C,), dskip ()), all
@@ -447,12 +448,13 @@ def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, bias, skip
     s1, s2 = kernels.bwd_reduce(dout, h, _flat(bias))
     sample_scale = _sample_scale(n, mask, alpha, acc, h.device)
     has_se = fc1_weight is not None
-    u = _unscaled_coef(sample_scale, c, attn_gain, gate if has_se else None)
+    gate = torch.sigmoid(logits) if has_se else None
+    u = _unscaled_coef(sample_scale, c, attn_gain, gate)
     coef = _times_skip(u, skip_gain, acc).contiguous()
     dw1, db1, dw2, db2 = (s1.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
     dpool = None
     if has_se:
-        dz = s2 * _times_skip(sample_scale * attn_gain, skip_gain, acc) * gate * (1.0 - gate)
+        dz = s2 * _times_skip(sample_scale * attn_gain, skip_gain, acc) * gate * torch.sigmoid(-logits)
         da = (dz @ _acc_matrix(fc2_weight, acc)) * (hidden > 0)
         dpool = da @ _acc_matrix(fc1_weight, acc)
         dw1, db1 = da.t() @ pool, da.sum(0)
@@ -492,22 +494,22 @@ def _se_gate_residual_fwd_cuda(
 def _se_gate_residual_bwd(
     dout: torch.Tensor, h: torch.Tensor, fc1_weight: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-    pool: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor, alpha: float, attn_gain: float,
+    pool: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: float, attn_gain: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """_backward_math with the Triton kernels."""
-    return _backward_math(TRITON_KERNELS, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, gate,
+    return _backward_math(TRITON_KERNELS, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, logits,
                           alpha, attn_gain)
 
 
 def _se_gate_residual_bwd_cuda(
     dout: torch.Tensor, h: torch.Tensor, fc1_weight: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-    pool: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor, alpha: float, attn_gain: float,
+    pool: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: float, attn_gain: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """_backward_math with the CUDA kernels of nfkernels._C."""
-    return _backward_math(CUDA_KERNELS, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, gate,
+    return _backward_math(CUDA_KERNELS, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, logits,
                           alpha, attn_gain)
 
 
@@ -520,9 +522,9 @@ se_gate_residual_bwd_cuda = define_cuda_op("se_gate_residual_bwd_cuda", _se_gate
 
 def _setup_context(ctx, inputs, output):
     h, shortcut, w1, b1, w2, b2, bias, shortcut_bias, skip, mask, alpha, attn_gain = inputs
-    _, pool, hidden, gate = output
-    ctx.mark_non_differentiable(pool, hidden, gate)
-    ctx.save_for_backward(h, w1, w2, bias, skip, mask, pool, hidden, gate)
+    _, pool, hidden, logits = output
+    ctx.mark_non_differentiable(pool, hidden, logits)
+    ctx.save_for_backward(h, w1, w2, bias, skip, mask, pool, hidden, logits)
     ctx.alpha, ctx.attn_gain = alpha, attn_gain
     # (shape, dtype) of every parameter that gets a gradient, to cast the accumulated ones back.
     ctx.meta = [(t.shape, t.dtype) if t is not None else None for t in (w1, b1, w2, b2, bias, shortcut_bias, skip)]
@@ -533,10 +535,10 @@ def _as_param_grad(grad: torch.Tensor, meta) -> torch.Tensor | None:
 
 
 def _backward_through(bwd_op):
-    def backward(ctx, dout, _dpool, _dhidden, _dgate):
+    def backward(ctx, dout, _dpool, _dhidden, _dlogits):
         """Gradients of every input but mask (not differentiated) and the scalars (module docstring)."""
-        h, w1, w2, bias, skip, mask, pool, hidden, gate = ctx.saved_tensors
-        dh, *param_grads = bwd_op(dout, h, w1, w2, bias, skip, mask, pool, hidden, gate, ctx.alpha, ctx.attn_gain)
+        h, w1, w2, bias, skip, mask, pool, hidden, logits = ctx.saved_tensors
+        dh, *param_grads = bwd_op(dout, h, w1, w2, bias, skip, mask, pool, hidden, logits, ctx.alpha, ctx.attn_gain)
         dw1, db1, dw2, db2, dbias, dsb, dskip = (_as_param_grad(g, m) for g, m in zip(param_grads, ctx.meta))
         dshortcut = dout if ctx.needs_input_grad[1] else None  # the residual passes it through unchanged
         return dh, dshortcut, dw1, db1, dw2, db2, dbias, dsb, dskip, None, None, None
@@ -588,7 +590,9 @@ def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bi
                                          _acc_vector(fc1_bias, acc)))
             z = F.conv2d(hidden, fc2_weight.to(acc).reshape(*fc2_weight.shape[:2], 1, 1),
                          _acc_vector(fc2_bias, acc))
-        coef = coef * attn_gain * torch.sigmoid(z)
+        # exp(logsigmoid(z)) = σ(z), whose autograd gives σ(z)σ(−z): torch.sigmoid's backward
+        # forms g(1 − g), which is 0 where g rounds to 1 (z > 17 in fp32).
+        coef = coef * attn_gain * torch.exp(F.logsigmoid(z))
     out = hb * coef  # hb first so that the result takes h's memory format
     if shortcut is not None:
         out = out + shortcut.to(acc)

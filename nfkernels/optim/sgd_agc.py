@@ -84,6 +84,9 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
     def _plan_group(self, index: int, group: dict) -> "_GroupPlan":
         """Validates the group's parameters and sorts them into fused launches; writes nothing
         but missing momentum buffers (zeros, which the first step treats as absent)."""
+        # Options may have been edited since add_param_group (schedulers write lr): a NaN or a
+        # negative value would silently ruin every parameter.
+        _check_group_options(group, f"param_groups[{index}]")
         momentum = group["momentum"]
         plan = _GroupPlan()
         for j, p in enumerate(group["params"]):
