@@ -328,3 +328,23 @@ def assert_unchanged(tensors, before, what):
 def names_argument(message: str, name: str) -> bool:
     """The message names ``name`` as a whole word (so "bias" is not found in "shortcut_bias")."""
     return re.search(r"(?<![\w.\[\]'])" + re.escape(name) + r"(?![\w])", message) is not None
+
+
+def assert_bad_argument_rejected(table, make_valid, call, arg: str, index: int, backend: str) -> None:
+    """Replaces argument ``arg`` of a valid call (``make_valid()``, a dict) by the corruption
+    ``table[arg][index]`` = (description, args -> bad value) and runs ``call(args)``: it must raise
+    a TypeError or ValueError naming ``arg``, with every input tensor left as it was."""
+    import pytest
+
+    import nfkernels as nfk
+
+    desc, corrupt = table[arg][index]
+    args = make_valid()
+    args[arg] = corrupt(args)
+    tensors = [t for t in args.values() if isinstance(t, torch.Tensor) and t.layout == torch.strided
+               and t.device.type != "meta"]
+    before = snapshot(tensors)
+    with nfk.use_backend(backend), pytest.raises((TypeError, ValueError)) as info:
+        call(args)
+    assert names_argument(str(info.value), arg), f"{arg} ({desc}): message does not name it: {info.value}"
+    assert_unchanged(tensors, before, "inputs")
