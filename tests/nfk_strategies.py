@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
+import nfkernels as nfk
 from nfkernels import _backend
 from nfk_testing import DEVICE, ON_GPU, rel_err, tolerance
 
@@ -336,8 +337,6 @@ def assert_bad_argument_rejected(table, make_valid, call, arg: str, index: int, 
     a TypeError or ValueError naming ``arg``, with every input tensor left as it was."""
     import pytest
 
-    import nfkernels as nfk
-
     desc, corrupt = table[arg][index]
     args = make_valid()
     args[arg] = corrupt(args)
@@ -348,3 +347,17 @@ def assert_bad_argument_rejected(table, make_valid, call, arg: str, index: int, 
         call(args)
     assert names_argument(str(info.value), arg), f"{arg} ({desc}): message does not name it: {info.value}"
     assert_unchanged(tensors, before, "inputs")
+
+
+def backend_runner(module, **small_knobs):
+    """``running(backend, small_blocks)``: a context with ``use_backend(backend)`` and, when
+    ``small_blocks``, ``module``'s tuning knobs set to ``small_knobs`` (tiles of a few elements,
+    so that these small tensors span many tiles and blocks, as large ones do)."""
+    def running(backend: str, small_blocks: bool) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(nfk.use_backend(backend))
+        if small_blocks:
+            stack.enter_context(patched(module, **small_knobs))
+        return stack
+
+    return running

@@ -7,7 +7,6 @@ backends. Bad arguments must raise TypeError/ValueError naming them before any g
 written."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -17,9 +16,10 @@ from hypothesis import assume, given, strategies as st
 import nfkernels as nfk
 from nfkernels.ops import agc as agc_ops
 from nfk_strategies import (
+    backend_runner,
     F32, F64, FLOAT_DTYPES, LOW_PRECISION, assert_matches, assert_unchanged, dim_sizes, dtypes,
     interpreter_mangles, lay_out,
-    layouts, names_argument, patched, plain_err, seeds, snapshot, tol_for, values,
+    layouts, names_argument, plain_err, seeds, snapshot, tol_for, values,
 )
 from nfk_testing import DEVICE, ON_GPU, backends_for
 
@@ -103,12 +103,7 @@ def make_param(spec, device=DEVICE):
     return p, storage, p_storage
 
 
-def running(backend, small_blocks):
-    stack = contextlib.ExitStack()
-    stack.enter_context(nfk.use_backend(backend))
-    if small_blocks:
-        stack.enter_context(patched(agc_ops, MAX_BLOCK=16))
-    return stack
+running = backend_runner(agc_ops, MAX_BLOCK=16)
 
 
 def pack(params, form):

@@ -3,7 +3,6 @@ db_c = Σ dx over all dims but 1 (DESIGN.md §5), against f and f' written out h
 their limits at ±inf; shapes, dtypes, layouts, value scales and backends drawn by hypothesis."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -13,8 +12,9 @@ from hypothesis import given, strategies as st
 import nfkernels as nfk
 from nfkernels.ops import scaled_act as sa_op
 from nfk_strategies import (
+    backend_runner,
     CL, F32, F64, LOW_PRECISION, Layout, assert_bad_argument_rejected, assert_matches, dim_sizes,
-    dout_layouts, dtypes, layouts, leaf_view, make_dout, other_device, patched, plain_err, seeds, tol_for,
+    dout_layouts, dtypes, layouts, leaf_view, make_dout, other_device, plain_err, seeds, tol_for,
     value_kinds, values,
 )
 from nfk_testing import DEVICE, backends_for
@@ -189,14 +189,7 @@ def _bias(case, c):
     return leaf_view(v, dtype, Layout("contiguous"))
 
 
-def running(backend, small_blocks):
-    """use_backend(backend), with tiles of a few elements when ``small_blocks`` (many tiles and
-    row groups even for these small tensors)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(nfk.use_backend(backend))
-    if small_blocks:
-        stack.enter_context(patched(sa_op, TILE_ELEMS=16, MAX_BLOCK_K=4, MAX_ROW_GROUPS=3))
-    return stack
+running = backend_runner(sa_op, TILE_ELEMS=16, MAX_BLOCK_K=4, MAX_ROW_GROUPS=3)
 
 
 BACKENDS = backends_for(("torch", "triton", "cuda"))

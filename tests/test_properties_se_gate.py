@@ -4,7 +4,6 @@ it), with shapes (incl. N = 0 and H·W = 0), dtypes, layouts, optional arguments
 and backends drawn by hypothesis."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -14,8 +13,9 @@ from hypothesis import given, strategies as st
 import nfkernels as nfk
 from nfkernels.ops import se_gate as se_op
 from nfk_strategies import (
+    backend_runner,
     F32, F64, LOW_PRECISION, Layout, assert_bad_argument_rejected, assert_matches, dim_sizes, dout_layouts,
-    dtypes, layouts, leaf_view, make_dout, other_device, patched, plain_err, seeds, tol_for, value_kinds,
+    dtypes, layouts, leaf_view, make_dout, other_device, plain_err, seeds, tol_for, value_kinds,
     values,
 )
 from nfk_testing import DEVICE, backends_for
@@ -184,12 +184,7 @@ def make_inputs(case):
     return t
 
 
-def running(backend, small_blocks):
-    stack = contextlib.ExitStack()
-    stack.enter_context(nfk.use_backend(backend))
-    if small_blocks:
-        stack.enter_context(patched(se_op, REDUCE_TILE=16, STREAM_TILE=8, MAX_BLOCK_C=4))
-    return stack
+running = backend_runner(se_op, REDUCE_TILE=16, STREAM_TILE=8, MAX_BLOCK_C=4)
 
 
 def call(t, **kw):

@@ -3,7 +3,6 @@ against the formula written here in float64 (gradients by autograd through it), 
 dtypes, layouts and views, value scales, eps modes and backends drawn by hypothesis."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -13,8 +12,9 @@ from hypothesis import assume, given, strategies as st
 import nfkernels as nfk
 from nfkernels.ops import weight_standardize as ws_op
 from nfk_strategies import (
+    backend_runner,
     F32, F64, LOW_PRECISION, Layout, assert_bad_argument_rejected, assert_matches, dim_sizes, dout_layouts,
-    dtypes, interpreter_mangles, layouts, leaf_view, make_dout, other_device, patched, plain_err, seeds,
+    dtypes, interpreter_mangles, layouts, leaf_view, make_dout, other_device, plain_err, seeds,
     tol_for, value_kinds, values,
 )
 from nfk_testing import DEVICE, backends_for
@@ -122,12 +122,7 @@ def make_gain(case, o):
     return leaf_view(v, dtype, Layout("sliced" if case["gain"] == "sliced" else "contiguous", 0))
 
 
-def running(backend, small_blocks):
-    stack = contextlib.ExitStack()
-    stack.enter_context(nfk.use_backend(backend))
-    if small_blocks:
-        stack.enter_context(patched(ws_op, MAX_BLOCK=16))
-    return stack
+running = backend_runner(ws_op, MAX_BLOCK=16)
 
 
 def check(backend, case):
