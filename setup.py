@@ -6,7 +6,12 @@ is found; it needs no GPU to build or import. Environment variables:
   NFK_BUILD_CUDA=0   never build it (pure Python: torch and Triton backends only)
   NFK_BUILD_CUDA=1   always build it (fail if nvcc is missing)
   NFK_CUDA_ARCHS     semicolon list of architectures, default "75;80;90" (+ PTX of the last)
-Install with `pip install -e . --no-build-isolation` (cmake, ninja and pybind11 installed).
+The metadata lives in pyproject.toml; `pip install .` gets pybind11, cmake and ninja from its
+[build-system] table. `pip install -e . --no-build-isolation` uses the ones installed instead.
+
+CMake builds in build/cmake-<python tag>/ inside the checkout, which survives between installs,
+so a reinstall recompiles only what changed (an editable install would otherwise build in a fresh
+temporary folder and recompile every kernel, a minute or more).
 """
 import os
 import shutil
@@ -56,7 +61,7 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
 
-        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         nvcc = find_nvcc()
         configure = [
@@ -77,17 +82,6 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    name="nfkernels",
-    version="0.1.0",
-    description="Fused Triton/CUDA kernels for Normalizer-Free Networks (NFNets) in PyTorch",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["nfkernels", "nfkernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
-    # numpy<2.4: Triton 3.6's CPU interpreter (used by the tests) converts 1-element arrays
-    # to Python ints, which numpy 2.4 refuses inside kernel loops.
-    extras_require={"test": ["pytest>=7", "pytest-benchmark", "hypothesis>=6", "numpy<2.4"]},
     ext_modules=[CMakeExtension("nfkernels._C")] if want_cuda_extension() else [],
     cmdclass={"build_ext": CMakeBuild},
 )

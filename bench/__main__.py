@@ -2,8 +2,8 @@
 
     python -m bench [--quick] [--only NAME ...]
 
-Each benchmark writes bench/results/<name>_<device>.json and .md; this prints them all and a
-summary of where the results went.
+Each benchmark writes bench/results/<name>_<device>.json, .md and .png (the chart where matplotlib
+is installed); this prints the tables as they come and ends with a summary of every file written.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import sys
 import time
 
 import torch
+
+from bench import common
 
 # (name, module in bench/, the argument lists of its GPU runs); on a CPU each runs once, --quick.
 BENCHMARKS = [
@@ -33,7 +35,10 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         print("No CUDA device: running the CPU fallback (small sizes; nfkernels uses its torch backend "
-              "on CPU, so these numbers compare PyTorch compositions, not the fused GPU kernels).\n")
+              "on CPU, so these numbers compare PyTorch compositions, not the fused GPU kernels).")
+    print(common.timm_line() + "\n")
+    common.WRITTEN.clear()
+    common.PLOTS_SKIPPED.clear()
     jobs = [(name, module, ([["--quick"]] if (args.quick or not on_gpu) else runs))
             for name, module, runs in BENCHMARKS if not args.only or name in args.only]
     total = sum(len(runs) for _, _, runs in jobs)
@@ -47,7 +52,20 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             module.main(run_args)
             print(f"[{done}/{total}] {label} done in {time.perf_counter() - start:.1f} s\n", flush=True)
+    print(summary())
     return 0
+
+
+def summary() -> str:
+    """What the run wrote where, the last thing a person reads."""
+    files = list(dict.fromkeys(common.WRITTEN))
+    lines = [f"Summary: {len(files)} files written:"]
+    lines += [f"  {common.display_path(path)}" for path in files]
+    if common.PLOTS_SKIPPED:
+        lines.append(f"PNG charts: {len(common.PLOTS_SKIPPED)} skipped, matplotlib is not installed "
+                     f"({common.MATPLOTLIB_HINT}).")
+    lines.append(common.timm_line())
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """AGC and SGD+AGC on NFNet-F0's parameter shapes: nfkernels.agc_ / SGD_AGC against timm's
-per-parameter loop (timm/utils/agc.py, written out below since timm is not importable here) and
-torch.optim.SGD, fused where available (DESIGN.md §7).
+per-parameter loop (timm/utils/agc.py: timm's own where timm imports, and written out below) and
+torch.optim.SGD, fused where available (docs/design.md §7).
 
     python -m bench.bench_agc            # full F0 shapes on a GPU; --quick on a CPU
     python -m bench.bench_agc --quick    # channels / 4 (~1/16 of the parameters), few reps
@@ -15,9 +15,24 @@ import argparse
 import torch
 
 import nfkernels as nfk
-from bench.common import (bench_device, copy_bandwidth_gbs, device_name, environment, nfnet_on_meta, time_ms,
-                          write_results)
+from bench.common import (bench_device, copy_bandwidth_gbs, device_name, environment, import_timm, nfnet_on_meta,
+                          reference_provider, sig, time_ms, write_results)
 from nfkernels import _backend
+
+COLUMNS = ["case", "provider", "ms", "ms_p20", "ms_p80", "GB/s", "frac_copy_bw", "speedup_vs_ref"]
+AGC_CASE, SGD_CASE = "agc_", "SGD_AGC step"
+NOTES = {
+    "timm": "timm.utils.agc.adaptive_clip_grad, timm's own per-parameter loop; in the SGD_AGC step followed by "
+            "torch.optim.SGD (nesterov)",
+    "eager": "timm's per-parameter AGC loop written out (bench/bench_agc.py); in the SGD_AGC step followed by "
+             "torch.optim.SGD (nesterov)",
+    "torch SGD fused, no AGC": "torch.optim.SGD(fused=True) without clipping: one fused optimizer step, the "
+                               "floor for a step that reads and writes every parameter",
+    "nfkernels torch": "nfkernels.agc_ / optim.SGD_AGC on the plain-PyTorch path (backend 'torch'), what runs on a "
+                       "CPU",
+    "nfkernels triton": "nfkernels.agc_ / optim.SGD_AGC with the fused Triton kernels (backend 'triton')",
+    "nfkernels cuda": "nfkernels.agc_ / optim.SGD_AGC with the fused CUDA kernels (backend 'cuda')",
+}
 
 
 def timm_unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +95,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     params = make_params(clip_shapes, device, dtype)
     grads0 = [p.grad.clone() for p in params]
     n_clip = sum(p.numel() for p in params)
+    timm, _ = import_timm()
+    loops = {"eager": timm_adaptive_clip_grad}
+    if timm is not None:
+        from timm.utils.agc import adaptive_clip_grad
+
+        loops = {"timm": adaptive_clip_grad, **loops}
+    reference = reference_provider(loops)
 
     def restore():
         for p, g in zip(params, grads0):
@@ -87,45 +109,52 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
 
-    def record(op, impl, fn, nbytes):
+    def record(case, provider, fn, nbytes):
         t = time_ms(fn, device, **reps)
         gbs = nbytes / (t["ms"] * 1e-3) / 1e9
-        rows.append({"op": op, "impl": impl, **t, "GB/s": gbs, "frac_copy_bw": gbs / copy_gbs})
-        print(f"{op:8s} {impl:34s} {t['ms']:9.3f} ms  (p20 {t['ms_p20']:.3f}, p80 {t['ms_p80']:.3f})  "
-              f"{gbs:8.1f} GB/s  {gbs / copy_gbs:5.1%} of copy")
+        rows.append({"case": case, "provider": provider, **t, "GB/s": gbs, "frac_copy_bw": gbs / copy_gbs})
+        print(f"{case:12s} {provider:24s} {sig(t['ms']):>7s} ms  (p20 {sig(t['ms_p20'])}, p80 {sig(t['ms_p80'])})  "
+              f"{gbs:8.1f} GB/s  {gbs / copy_gbs:5.2f} of copy bandwidth")
 
     agc_bytes = 3 * n_clip * itemsize
-    record("agc", "timm loop (eager)", lambda: (restore(), timm_adaptive_clip_grad(params)), agc_bytes)
+    for name, loop in loops.items():
+        record(AGC_CASE, name, lambda loop=loop: (restore(), loop(params, clip_factor=0.01, eps=1e-3)), agc_bytes)
     nfk_backends = ["torch"] if device.type == "cpu" else ["triton"] + (["cuda"] if _backend.cuda_extension_usable() else [])
     for backend in nfk_backends:
         def run_agc(backend=backend):
             restore()
             with nfk.use_backend(backend):
                 nfk.agc_(params)
-        label = f"nfkernels.agc_ [{backend}{', CPU fallback' if device.type == 'cpu' else ''}]"
-        record("agc", label, run_agc, agc_bytes)
+        record(AGC_CASE, f"nfkernels {backend}", run_agc, agc_bytes)
 
     sgd_bytes = 5 * n_clip * itemsize
-    ref_params = make_params(clip_shapes, device, dtype)
-    ref_opt = torch.optim.SGD(ref_params, lr=1e-3, momentum=0.9, nesterov=True)
-    record("sgd_step", "timm loop + torch.optim.SGD", lambda: (timm_adaptive_clip_grad(ref_params), ref_opt.step()),
-           sgd_bytes)
+    for name, loop in loops.items():
+        ref_params = make_params(clip_shapes, device, dtype)
+        ref_opt = torch.optim.SGD(ref_params, lr=1e-3, momentum=0.9, nesterov=True)
+        record(SGD_CASE, name, lambda loop=loop, ps=ref_params, opt=ref_opt: (
+            loop(ps, clip_factor=0.01, eps=1e-3), opt.step()), sgd_bytes)
     if fused_sgd_available(device):
-        fused_opt = torch.optim.SGD(ref_params, lr=1e-3, momentum=0.9, nesterov=True, fused=True)
-        record("sgd_step", "torch.optim.SGD(fused=True), no AGC", fused_opt.step, sgd_bytes)
+        fused_params = make_params(clip_shapes, device, dtype)
+        fused_opt = torch.optim.SGD(fused_params, lr=1e-3, momentum=0.9, nesterov=True, fused=True)
+        record(SGD_CASE, "torch SGD fused, no AGC", fused_opt.step, sgd_bytes)
     for backend in nfk_backends:
         ours = nfk.optim.SGD_AGC(make_params(clip_shapes, device, dtype), lr=1e-3)
 
         def run_step(opt=ours, backend=backend):
             with nfk.use_backend(backend):
                 opt.step()
-        record("sgd_step", f"nfkernels SGD_AGC [{backend}]", run_step, sgd_bytes)
+        record(SGD_CASE, f"nfkernels {backend}", run_step, sgd_bytes)
+    for case in (AGC_CASE, SGD_CASE):
+        ref_ms = next(r["ms"] for r in rows if r["case"] == case and r["provider"] == reference)
+        for r in rows:
+            if r["case"] == case:
+                r["speedup_vs_ref"] = ref_ms / r["ms"]
 
     meta = {**environment(device), "dtype": args.dtype, "shapes": "F0 / 4 (quick)" if quick else "F0",
-            "clipped_params_M": round(n_clip / 1e6, 3), "copy_GB/s": round(copy_gbs, 1),
-            "note": "agc rows include restoring the gradients (one copy of G) in every call"}
-    path = write_results("agc" + ("_quick" if quick else ""), rows, ["op", "impl", "ms", "ms_p20", "ms_p80", "GB/s",
-                                                                     "frac_copy_bw"], meta, device)
+            "clipped_params_M": round(n_clip / 1e6, 3), "copy_GB/s": copy_gbs,
+            "note": "agc_ rows include restoring the gradients (one copy of G) in every call"}
+    path = write_results("agc" + ("_quick" if quick else ""), rows, COLUMNS, meta, device, notes=NOTES,
+                         reference=reference)
     print(f"bench_agc on {device_name(device)}: results in {path}")
     return rows
 

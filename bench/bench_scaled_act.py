@@ -11,9 +11,15 @@ import torch.nn.functional as F
 
 import nfkernels as nfk
 from bench.common import (COLUMNS, activation_bench_meta, activation_bench_setup, compare_fwd_and_bwd,
-                          nfkernels_impls, nfnet_f0_activation_shapes, write_results)
+                          import_timm, nfkernels_impls, nfnet_f0_activation_shapes, reference_provider,
+                          write_results)
 
 GAMMA = nfk.NF_GAMMA["gelu"]
+NOTES = {
+    "eager": "the unfused chain timm runs between two convs, written out: bias add, GELU, x gamma; eager mode",
+    "timm": "timm's GammaAct('gelu', gamma) (dm_nfnet's activation) after the bias add, eager mode",
+    "torch.compile": "the eager chain compiled by torch.compile (Inductor; GPU runs only)",
+}
 
 
 def eager_chain(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -25,16 +31,32 @@ def fused(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return nfk.scaled_act(x, bias, act="gelu")
 
 
+def timm_chain():
+    """timm's own activation with the conv's bias added first (timm adds it inside the conv), or
+    None where timm does not import."""
+    timm, _ = import_timm()
+    if timm is None:
+        return None
+    from timm.models.nfnet import GammaAct
+
+    act = GammaAct("gelu", gamma=GAMMA)
+
+    def run(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return act(x + bias.view(1, -1, 1, 1))
+    return run
+
+
 def main(argv=None) -> list[dict]:
-    args = activation_bench_setup(__doc__.splitlines()[0], argv)
+    args = activation_bench_setup(__doc__, argv)
     compiled = None if args.quick else torch.compile(eager_chain, dynamic=False)
+    timm_impl = timm_chain()
     rows = []
     for name, shape in nfnet_f0_activation_shapes(args.batch, args.resolution):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=gen).to(args.device, args.dtype).contiguous(memory_format=args.memory_format)
         b = (0.1 * torch.randn(shape[1], generator=gen)).to(args.device, args.dtype)
         dy = torch.randn(shape, generator=gen).to(args.device, args.dtype).contiguous(memory_format=args.memory_format)
-        impls = {"eager": eager_chain, **nfkernels_impls(fused, (x, b))}
+        impls = {**({"timm": timm_impl} if timm_impl else {}), "eager": eager_chain, **nfkernels_impls(fused, (x, b))}
         if compiled is not None:
             impls["torch.compile"] = compiled
         tensor_bytes = x.numel() * args.esize
@@ -42,7 +64,8 @@ def main(argv=None) -> list[dict]:
         rows += compare_fwd_and_bwd(f"{name} {tuple(shape)}", impls, (x.requires_grad_(), b.requires_grad_()), dy,
                                     2 * tensor_bytes, 5 * tensor_bytes, args.device, args.copy_gbs)
     name = "scaled_act_" + ("channels_last" if args.channels_last else "nchw")
-    path = write_results(name, rows, COLUMNS, activation_bench_meta(args), args.device)
+    path = write_results(name, rows, COLUMNS, activation_bench_meta(args), args.device, notes=NOTES,
+                         reference=reference_provider({r["provider"] for r in rows}))
     print(path.read_text())
     return rows
 

@@ -11,9 +11,16 @@ import torch.nn.functional as F
 
 import nfkernels as nfk
 from bench.common import (COLUMNS, activation_bench_meta, activation_bench_setup, compare_fwd_and_bwd,
-                          nfkernels_impls, nfnet_f0_activation_shapes, write_results)
+                          import_timm, nfkernels_impls, nfnet_f0_activation_shapes, reference_provider,
+                          write_results)
 
 ALPHA, ATTN_GAIN = 0.2, 2.0
+NOTES = {
+    "eager": "timm NormFreeBlock's tail after conv3, written out: bias add, squeeze-excite, x attn_gain, "
+             "x skipinit_gain, x alpha, + shortcut; eager mode",
+    "timm": "the same tail with timm's own SEModule (rd_ratio 0.5) and NormFreeBlock's arithmetic, eager mode",
+    "torch.compile": "the eager tail compiled by torch.compile (Inductor; GPU runs only)",
+}
 
 
 def eager_tail(h, shortcut, w1, b1, w2, b2, bias, skip):
@@ -30,8 +37,31 @@ def fused(h, shortcut, w1, b1, w2, b2, bias, skip):
                                 attn_gain=ATTN_GAIN)
 
 
+def timm_tail(channels: int, w1, b1, w2, b2):
+    """NormFreeBlock's tail with timm's SEModule holding these weights, or None where timm does not
+    import."""
+    timm, _ = import_timm()
+    if timm is None:
+        return None
+    from timm.layers import SEModule
+
+    se = SEModule(channels, rd_ratio=0.5).to(w1.device, w1.dtype)
+    if (se.fc1.weight.shape, se.fc2.weight.shape) != (w1.shape, w2.shape):
+        raise RuntimeError(f"timm SEModule({channels}, rd_ratio=0.5) has fc1 {tuple(se.fc1.weight.shape)}, "
+                           f"fc2 {tuple(se.fc2.weight.shape)}; the benchmark's weights are {tuple(w1.shape)}, "
+                           f"{tuple(w2.shape)}")
+    se.fc1.weight, se.fc1.bias = torch.nn.Parameter(w1.detach()), torch.nn.Parameter(b1.detach())
+    se.fc2.weight, se.fc2.bias = torch.nn.Parameter(w2.detach()), torch.nn.Parameter(b2.detach())
+
+    def run(h, shortcut, w1, b1, w2, b2, bias, skip):
+        out = ATTN_GAIN * se(h + bias.view(1, -1, 1, 1))
+        out.mul_(skip)  # NormFreeBlock.forward: out.mul_(self.skipinit_gain)
+        return out * ALPHA + shortcut
+    return run
+
+
 def main(argv=None) -> list[dict]:
-    args = activation_bench_setup(__doc__.splitlines()[0], argv)
+    args = activation_bench_setup(__doc__, argv)
     compiled = None if args.quick else torch.compile(eager_tail, dynamic=False)
     rows = []
     for name, shape in nfnet_f0_activation_shapes(args.batch, args.resolution):
@@ -48,7 +78,8 @@ def main(argv=None) -> list[dict]:
         inputs = (rnd(*shape, fmt=fmt), rnd(*shape, fmt=fmt), rnd(rd, c, 1, 1, scale=c ** -0.5), rnd(rd, scale=0.1),
                   rnd(c, rd, 1, 1, scale=rd ** -0.5), rnd(c, scale=0.1), rnd(c, scale=0.1), rnd(scale=1.0))
         dout = torch.randn(shape, generator=gen).to(args.device, args.dtype).contiguous(memory_format=fmt)
-        impls = {"eager": eager_tail, **nfkernels_impls(fused, inputs)}
+        timm_impl = timm_tail(c, *inputs[2:6])
+        impls = {**({"timm": timm_impl} if timm_impl else {}), "eager": eager_tail, **nfkernels_impls(fused, inputs)}
         if compiled is not None:
             impls["torch.compile"] = compiled
         tensor_bytes = inputs[0].numel() * args.esize
@@ -56,7 +87,8 @@ def main(argv=None) -> list[dict]:
         rows += compare_fwd_and_bwd(f"{name} {tuple(shape)}", impls, inputs, dout, 3 * tensor_bytes,
                                     6 * tensor_bytes, args.device, args.copy_gbs)
     name = "se_gate_" + ("channels_last" if args.channels_last else "nchw")
-    path = write_results(name, rows, COLUMNS, activation_bench_meta(args), args.device)
+    path = write_results(name, rows, COLUMNS, activation_bench_meta(args), args.device, notes=NOTES,
+                         reference=reference_provider({r["provider"] for r in rows}))
     print(path.read_text())
     return rows
 

@@ -14,6 +14,12 @@ import nfkernels as nfk
 from bench.common import (COLUMNS, bench_device, copy_bandwidth_gbs, environment, nfkernels_impls,
                           nfnet_f0_conv_shapes, run_providers, write_results)
 
+NOTES = {
+    "eager": "timm ScaledStdConv2d.forward's weight path (F.batch_norm over the reshaped weight, gain and "
+             "fan-in scale), written out: timm has no separate function for it; eager mode",
+    "torch.compile": "that weight path compiled by torch.compile (Inductor; GPU runs only)",
+}
+
 
 def timm_style(weight: torch.Tensor, gain: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """timm ScaledStdConv2d.forward's weight path, the unfused reference."""
@@ -38,7 +44,7 @@ def _fwd(fn, params):
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU-sized run (default on CPU)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
@@ -74,7 +80,7 @@ def main(argv=None) -> list[dict]:
     rows += run_providers(f"{label} fwd+bwd", providers_fb, fwd_bytes + bwd_bytes, device, copy_gbs, "eager")
     meta = {**environment(device), "dtype": args.dtype, "backend": nfk.get_backend(),
             "copy_GB/s": copy_gbs, "cpu_fallback": device.type == "cpu"}
-    path = write_results("weight_standardize", rows, COLUMNS, meta, device)
+    path = write_results("weight_standardize", rows, COLUMNS, meta, device, notes=NOTES, reference="eager")
     print(path.read_text())
     return rows
 

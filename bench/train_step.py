@@ -3,9 +3,10 @@ many steps after warm-up, data already on the device; Brock et al. 2021, Table 3
 56.7 ms/step on a V100, fp16, batch 32).
 
 Providers, all on the same weights and data:
-  reference                timm's dm_nfnet_fX + timm's AGC loop + torch.optim.SGD (nesterov) when
-                           timm imports; else nfkernels' model on its plain-torch backend (the same
-                           unfused ops) + the timm loop + torch.optim.SGD
+  reference                timm's model (dm_nfnet_fX; for tiny a NormFreeNet of the same
+                           configuration) + timm's AGC + torch.optim.SGD (nesterov) when timm imports;
+                           else nfkernels' model on its plain-torch backend (the same unfused ops) +
+                           timm's AGC loop written out + torch.optim.SGD
   reference torch.compile  the same with the model compiled
   nfkernels                the fused kernels (backend "auto") + SGD_AGC
   nfkernels torch.compile  the same with the model compiled (fullgraph)
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 
 import nfkernels as nfk
 from bench.bench_agc import timm_adaptive_clip_grad
-from bench.common import bench_device, environment, write_plot, write_results
+from bench.common import bench_device, environment, import_timm, sig, write_results
 from bench.train_nfnet import TINY
-from nfkernels.models import NFNet, nfnet
+from nfkernels.models import TIMM_NAMES, NFNet, nfnet
 from nfkernels.training import CUDAGraphTrainStep
 
 COLUMNS = ["provider", "ms", "ms_p20", "ms_p80", "images/s", "speedup_vs_ref", "peak_MB", "loss_step0"]
@@ -37,21 +38,34 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 2e-5
 
 
 def timm_model(variant: str, num_classes: int):
-    """timm's model for ``variant``, or None where timm does not import."""
-    try:
-        import timm
-    except Exception:  # noqa: BLE001 - timm needs torchvision, which may be missing or broken
-        return None
-    name = "nfnet_f7" if variant == "f7" else f"dm_nfnet_{variant}"
-    return timm.create_model(name, num_classes=num_classes)
+    """(timm's model for ``variant``, its name), or (None, why not) where timm does not import. For
+    tiny, timm's NormFreeNet with TINY's configuration (the dm_nfnet style: deep_quad stem, gamma in
+    the activation, SAME padding, SkipInit), whose state dict matches nfkernels' names and shapes."""
+    timm, about = import_timm()
+    if timm is None:
+        return None, about
+    if variant == "tiny":
+        from timm.models.nfnet import NfCfg, NormFreeNet
+
+        c = TINY
+        cfg = NfCfg(depths=c.depths, channels=c.channels, alpha=c.alpha, stem_type="deep_quad", stem_chs=c.stem_chs,
+                    group_size=c.group_size, attn_layer="se", attn_kwargs=dict(rd_ratio=c.se_rd_ratio),
+                    attn_gain=c.attn_gain, bottle_ratio=c.bottle_ratio, num_features=c.num_features,
+                    ch_div=c.ch_div, extra_conv=c.extra_conv, gamma_in_act=True, same_padding=c.same_padding,
+                    std_conv_eps=c.std_conv_eps, skipinit=c.skipinit, act_layer=c.act)
+        return NormFreeNet(cfg, num_classes=num_classes), "timm NormFreeNet (tiny configuration)"
+    name = TIMM_NAMES[variant]
+    if name is None:  # timm's nfnet_f7 is another architecture (nfkernels.models.nfnet docstring)
+        return None, f"timm has no dm_nfnet_{variant}"
+    return timm.create_model(name, num_classes=num_classes), f"timm {name}"
 
 
 def build_models(variant: str, num_classes: int, device, memory_format):
     """(nfkernels model, reference model, reference label) with identical weights."""
     ours = NFNet(TINY, num_classes=num_classes) if variant == "tiny" else nfnet(variant, num_classes)
-    ref = timm_model(variant, num_classes) if variant != "tiny" else None
-    label = "timm" if ref is not None else "nfkernels model on its torch backend"
+    ref, label = timm_model(variant, num_classes)
     if ref is None:
+        label = f"nfkernels model on its torch backend ({label})"
         ref = NFNet(TINY, num_classes=num_classes) if variant == "tiny" else nfnet(variant, num_classes)
     ref.load_state_dict(ours.state_dict(), strict=True)
     ours = ours.to(device, memory_format=memory_format).train()
@@ -60,6 +74,11 @@ def build_models(variant: str, num_classes: int, device, memory_format):
 
 
 def reference_step_fn(model, amp_dtype, torch_backend: bool):
+    timm, _ = import_timm()
+    if timm is not None:
+        from timm.utils.agc import adaptive_clip_grad
+    else:
+        adaptive_clip_grad = timm_adaptive_clip_grad
     params = [p for n, p in model.named_parameters() if not n.startswith("head.fc")]
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and not n.endswith("gain")]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and not n.endswith("gain"))]
@@ -72,7 +91,7 @@ def reference_step_fn(model, amp_dtype, torch_backend: bool):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        timm_adaptive_clip_grad(params, clip_factor=0.01, eps=1e-3)
+        adaptive_clip_grad(params, clip_factor=0.01, eps=1e-3)
         opt.step()
         return loss.detach()
     return step
@@ -90,6 +109,22 @@ def nfkernels_step_fn(model, amp_dtype):
         opt.step()
         return loss.detach()
     return step, opt
+
+
+def provider_notes(ref_label: str) -> dict[str, str]:
+    """What each provider of this run is, with the reference actually used."""
+    if ref_label.startswith("timm"):
+        reference = f"{ref_label} + timm's adaptive_clip_grad + torch.optim.SGD (nesterov), eager"
+    else:
+        reference = ("nfkernels' model on its plain-PyTorch backend (timm does not import here; the same unfused "
+                     "ops) + timm's AGC loop written out + torch.optim.SGD (nesterov), eager")
+    return {
+        "reference": reference,
+        "reference torch.compile": "the reference with its model compiled by torch.compile",
+        "nfkernels": "nfkernels' NFNet with its fused kernels (backend 'auto': the torch path on a CPU) + SGD_AGC",
+        "nfkernels torch.compile": "the same with the model compiled by torch.compile (fullgraph)",
+        "nfkernels CUDA graph": "the whole nfkernels step captured once as a CUDA graph and replayed (GPU only)",
+    }
 
 
 def time_steps(step, x, y, device, warmup: int, steps: int) -> tuple[dict, float]:
@@ -114,16 +149,28 @@ def time_steps(step, x, y, device, warmup: int, steps: int) -> tuple[dict, float
     return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}, first_loss
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default=None, help="f0 … f7, or tiny; default f0 (GPU), tiny (CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="default 32 (GPU), 4 (CPU)")
-    parser.add_argument("--resolution", type=int, default=None, help="default 192 (GPU), 32 (CPU)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default=None, choices=["tiny"] + [f"f{i}" for i in range(8)],
+                        help="default f0 (GPU), tiny (CPU)")
+    parser.add_argument("--batch", type=_positive, default=None, help="default 32 (GPU), 4 (CPU)")
+    parser.add_argument("--resolution", type=_positive, default=None, help="default 192 (GPU), 32 (CPU)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="autocast dtype; default bfloat16 (GPU), float32 = no autocast (CPU)")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps; default 50 (GPU), 5 (CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="default 10 (GPU), 2 (CPU)")
+    parser.add_argument("--steps", type=_positive, default=None, help="timed steps; default 50 (GPU), 5 (CPU)")
+    parser.add_argument("--warmup", type=_positive, default=None,
+                        help="untimed steps first (the first one's loss is recorded); default 10 (GPU), 2 (CPU)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized run (default on CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     args = parser.parse_args(argv)
@@ -134,7 +181,8 @@ def main(argv=None) -> list[dict]:
     resolution = args.resolution or (32 if quick else 192)
     dtype_name = args.dtype or ("float32" if quick else "bfloat16")
     amp_dtype = None if dtype_name == "float32" else getattr(torch, dtype_name)
-    steps, warmup = args.steps or (5 if quick else 50), args.warmup or (2 if quick else 10)
+    steps = args.steps if args.steps is not None else (5 if quick else 50)
+    warmup = args.warmup if args.warmup is not None else (2 if quick else 10)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     compile_too = not (quick or args.no_compile)
     if device.type == "cpu":
@@ -155,11 +203,11 @@ def main(argv=None) -> list[dict]:
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         results.append({"provider": name, **timing, "images/s": batch / (timing["ms"] * 1e-3), "peak_MB": peak,
                         "loss_step0": loss0})
-        print(f"  {name:28s} {timing['ms']:9.2f} ms/step  {batch / (timing['ms'] * 1e-3):8.1f} img/s", flush=True)
+        print(f"  {name:28s} {sig(timing['ms']):>7s} ms/step  {batch / (timing['ms'] * 1e-3):8.1f} img/s", flush=True)
 
     # Every provider starts from the same weights: fresh copies of these two.
     ours0, ref0, ref_label = build_models(variant, 1000, device, memory_format)
-    torch_backend = ref_label != "timm"
+    torch_backend = not ref_label.startswith("timm")
     print(f"train_step: NFNet-{variant}, batch {batch}, {resolution}px, {dtype_name}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, reference = {ref_label}")
     record("reference", reference_step_fn(copy.deepcopy(ref0), amp_dtype, torch_backend))
@@ -182,8 +230,8 @@ def main(argv=None) -> list[dict]:
             "dtype": dtype_name, "memory_format": "channels_last" if args.channels_last else "NCHW",
             "reference": ref_label, "steps": steps, "warmup": warmup, "cpu_fallback": device.type == "cpu"}
     name = f"train_step_{variant}_{meta['memory_format'].lower()}"
-    path = write_results(name, results, COLUMNS, meta, device)
-    write_plot(name, results, "provider", "ms", f"NFNet-{variant} training step, {meta['device']}", device)
+    path = write_results(name, results, COLUMNS, meta, device, notes=provider_notes(ref_label), case_key=None,
+                         reference="reference", unit="time per training step")
     print(path.read_text())
     return results
 

@@ -1,4 +1,4 @@
-// Framework-free CUDA kernels of nfkernels (DESIGN.md §2): raw device pointers, sizes and a
+// Framework-free CUDA kernels of nfkernels (docs/design.md §2): raw device pointers, sizes and a
 // cudaStream_t in, a cudaError_t out. No torch headers; python/bindings.cpp wraps them.
 #pragma once
 
@@ -37,7 +37,7 @@ cudaError_t sgd_agc(DType param_dtype, DType grad_dtype, void* param, const void
 
 
 // ---------------------------------------------------------------------------------------------
-// Scaled Weight Standardization (mirrors nfkernels/ops/weight_standardize.py; DESIGN.md §5).
+// Scaled Weight Standardization (mirrors nfkernels/ops/weight_standardize.py; docs/design.md §5).
 // `weight` is n_rows dense rows of row_len elements (one per output unit), `out` / `dweight`
 // the same layout. Per row, with μ, M2 = Σ (W − μ)², s0 and q as in the Triton kernels:
 //   timm:     r = 1/sqrt(M2/N + eps), s0 = gamma_scaled·r (gamma_scaled = γ/sqrt(N)), q = r²/N

@@ -1,5 +1,5 @@
 """Which implementation "auto" runs for each op on a CUDA device: the faster of "triton" and
-"cuda" as measured by bench/ on that device class (DESIGN.md §3).
+"cuda" as measured by bench/ on that device class (docs/design.md §3).
 
 ``TABLE`` maps a device-name prefix (as ``torch.cuda.get_device_name`` spells it) to
 {op name: backend}; the longest matching prefix wins and "" matches every device. Ops or devices

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import importlib.util
 import os
+import warnings
 from typing import Iterator
 
 import torch
 
 from nfkernels import _autotable
+from nfkernels.ops import _triton
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -33,12 +34,26 @@ def _validate(name: object) -> str:
     return key
 
 
+class _InvalidEnvironmentBackend(str):
+    """An NFK_BACKEND value that names no backend. Raising at import would make ``import
+    nfkernels`` itself fail, far from the cause, and running "auto" instead would ignore the
+    user's request silently; so the import warns, and the first op that runs under it raises
+    (``set_backend``/``use_backend`` override it, as they override any NFK_BACKEND)."""
+
+    def error(self) -> ValueError:
+        return ValueError(
+            f"environment variable NFK_BACKEND={str(self)!r} names no backend; expected one of "
+            f"{BACKENDS} (unset it, fix it, or call nfkernels.set_backend)")
+
+
 def _from_env() -> str:
     value = os.environ.get("NFK_BACKEND", "auto")
     try:
         return _validate(value)
-    except ValueError as err:
-        raise ValueError(f"environment variable NFK_BACKEND: {err}") from None
+    except ValueError:
+        invalid = _InvalidEnvironmentBackend(value)
+        warnings.warn(str(invalid.error()), RuntimeWarning, stacklevel=2)
+        return invalid
 
 
 _default_backend = _from_env()
@@ -52,9 +67,14 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The backend in force here (the innermost ``use_backend``, else ``set_backend``'s)."""
+    """The backend in force here (the innermost ``use_backend``, else ``set_backend``'s, else
+    NFK_BACKEND's); raises ValueError when that is an invalid NFK_BACKEND."""
     override = _override.get()
-    return override if override is not None else _default_backend
+    if override is not None:
+        return override
+    if isinstance(_default_backend, _InvalidEnvironmentBackend):
+        raise _default_backend.error()
+    return _default_backend
 
 
 @contextlib.contextmanager
@@ -73,7 +93,8 @@ def triton_interpreting() -> bool:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """True when triton imports (it is optional: the torch path needs none of it)."""
+    return _triton.available()
 
 
 @functools.lru_cache(maxsize=None)  # a failed import is retried on every call otherwise
@@ -138,7 +159,8 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...] = ("torch"
         )
     if name == "triton":
         if not triton_available():
-            raise RuntimeError(f"{op}: backend 'triton' needs the triton package, which is not installed")
+            raise RuntimeError(f"{op}: backend 'triton' needs the triton package, which does not import "
+                               f"here ({_triton.IMPORT_ERROR}); {_triton.INSTALL_HINT}")
         if device.type == "cuda":
             return name
         if device.type == "cpu" and triton_interpreting():

@@ -1,4 +1,4 @@
-"""Public Adaptive Gradient Clipping: ``agc_`` and ``agc_parameters`` (DESIGN.md §5 "AGC").
+"""Public Adaptive Gradient Clipping: ``agc_`` and ``agc_parameters`` (docs/design.md §5 "AGC").
 
 The math and kernels live in nfkernels.ops.agc; this module validates arguments, splits the
 parameters into (device, dtype) groups (one fused launch each) and handles sharded DTensors.

@@ -17,6 +17,7 @@ and SE converted one by one (timm's block forward calls them as plain modules).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -240,9 +241,21 @@ def convert(model: nn.Module) -> ConversionReport:
     by nfkernels' WSConv2d, ScaledAct, SqueezeExcite and NFBlock, in place, keeping the parameter
     objects; outputs and gradients are unchanged (up to rounding). Returns a ConversionReport whose
     ``skipped`` lists (module path, reason) for what was left alone. ``model`` itself is converted
-    only through its children; pass a container to convert a bare block."""
+    only through its children; pass a container to convert a bare block.
+
+    Converting nothing is almost always a mistake (a model that is not timm's, already converted,
+    or a bare layer passed as ``model``), and the report alone is easy to ignore: it warns
+    (UserWarning)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module; got {type(model).__name__}")
     report = ConversionReport()
     _convert_children(model, "", report)
+    if not report.converted:
+        skipped = (f"; {len(report.skipped)} recognised timm module(s) did not fit (see the report's skipped)"
+                   if report.skipped else "")
+        warnings.warn(
+            f"convert: nothing was converted in {type(model).__name__}{skipped}. convert replaces timm's "
+            f"{', '.join(_CONVERTERS)} (recognised by class name) among the model's submodules; the "
+            "model passed in is not replaced itself (wrap a bare layer in nn.Sequential), and "
+            "nfkernels layers are left as they are.", UserWarning, stacklevel=2)
     return report

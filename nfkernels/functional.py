@@ -1,4 +1,4 @@
-"""The public functional API (DESIGN.md §4): validate arguments, pick a backend, call the op."""
+"""The public functional API (docs/design.md §4): validate arguments, pick a backend, call the op."""
 from __future__ import annotations
 
 import torch

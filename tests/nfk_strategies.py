@@ -282,7 +282,7 @@ def interpreter_mangles(backend: str, computed_in, stored_as) -> bool:
 
 
 def tol_for(dtypes_, backend: str, plain_err: float | None = None, roundings: int = 1) -> float:
-    """The tolerance of DESIGN.md §6 for a result involving ``dtypes_`` (the least precise one
+    """The tolerance of docs/design.md §6 for a result involving ``dtypes_`` (the least precise one
     decides); fp16/bf16: twice plain PyTorch's own error in that dtype, plus atol. ``roundings``:
     how many bf16 roundings the result went through (steps of an optimizer, for the interpreter)."""
     dtypes_ = list(dtypes_)

@@ -1,6 +1,9 @@
-"""Shared test utilities: devices, backends, tolerances (DESIGN.md §6)."""
+"""Shared test utilities: devices, backends, tolerances (docs/design.md §6)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from nfkernels import _backend
@@ -50,16 +53,13 @@ def assert_close(out, ref, tol, what=""):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
-def reference_data_path():
-    """timm's numbers for a small NFNet (DESIGN.md §6): $NFK_REFERENCE_DATA, or shared/data beside
-    the checkout. Missing data fails the tests that need it rather than skipping them."""
-    import os
-    from pathlib import Path
+REFERENCE_DATA_DIR = Path(__file__).resolve().parent / "data"
 
-    import pytest
 
-    path = Path(os.environ.get("NFK_REFERENCE_DATA") or
-                Path(__file__).resolve().parents[2] / "shared" / "data" / "timm_nfnet_tiny.pt")
+def reference_data_path(name: str = "timm_nfnet_tiny.pt") -> Path:
+    """timm's numbers for small NFNets (docs/design.md §6), shipped in tests/data/ with the script
+    that makes and checks them. Missing data fails the tests that need it rather than skipping them."""
+    path = REFERENCE_DATA_DIR / name
     if not path.exists():
-        pytest.fail(f"reference data not found at {path} (set NFK_REFERENCE_DATA to timm_nfnet_tiny.pt)")
+        pytest.fail(f"reference data {path} is missing: it ships with the repository (tests/data/README.md)")
     return path

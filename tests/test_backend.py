@@ -57,9 +57,34 @@ def test_environment_variable_sets_the_default():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "torch"
-    env["NFK_BACKEND"] = "nonsense"
+
+
+def test_invalid_environment_variable_warns_at_import_and_raises_where_an_op_runs():
+    """An invalid NFK_BACKEND must neither break ``import nfkernels`` nor be ignored silently."""
+    code = """
+import warnings
+warnings.simplefilter("error", RuntimeWarning)
+try:
+    import nfkernels
+except RuntimeWarning as warning:
+    print("WARNED:", warning)
+warnings.resetwarnings()
+import torch
+import nfkernels as nfk
+try:
+    nfk.weight_standardize(torch.randn(4, 3, 3, 3), torch.ones(4, 1, 1, 1))
+except ValueError as error:
+    print("RAISED:", error)
+nfk.set_backend("torch")
+print("OVERRIDDEN:", nfk.weight_standardize(torch.randn(4, 3, 3, 3), torch.ones(4, 1, 1, 1)).shape)
+"""
+    env = {**os.environ, "NFK_BACKEND": "nonsense"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "NFK_BACKEND" in out.stderr
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(": ", 1) for line in out.stdout.strip().splitlines())
+    for key in ("WARNED", "RAISED"):
+        assert "NFK_BACKEND='nonsense'" in lines[key] and "expected one of" in lines[key], lines
+    assert lines["OVERRIDDEN"] == "torch.Size([4, 3, 3, 3])"
 
 
 # ----------------------------------------------------------------------------- "auto" on CUDA

@@ -302,3 +302,40 @@ def test_converted_block_trains_like_timm_with_drop_path():
     torch.manual_seed(5)  # both draw one bernoulli per sample from the same generator state
     out = model(x)
     assert_close(out, ref_out, 1e-10, "train-mode output")
+
+
+NOTHING_TO_CONVERT = {
+    "already_nfkernels": lambda: nn.Sequential(WSConv2d(3, 8, 3)),  # the README's former example
+    "plain_torch": lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()),
+    "bare_timm_conv": lambda: ScaledStdConv2d(3, 8, 3),  # the root itself is never replaced
+}
+
+
+@pytest.mark.parametrize("name", list(NOTHING_TO_CONVERT))
+def test_convert_warns_when_it_converts_nothing(name):
+    model = NOTHING_TO_CONVERT[name]()
+    with pytest.warns(UserWarning, match="nothing was converted") as record:
+        report = nfk.convert(model)
+    assert report.converted == [] and len(record) == 1
+    message = str(record[0].message)
+    for timm_class in ("ScaledStdConv2d", "ScaledStdConv2dSame", "GammaAct", "SEModule", "NormFreeBlock"):
+        assert timm_class in message
+    assert "nn.Sequential" in message  # how to convert a bare layer
+    assert record[0].filename == __file__  # points at the caller's line
+
+
+def test_convert_warning_mentions_recognised_modules_that_did_not_fit():
+    model = nn.Sequential(GammaAct(mish, 2.0))
+    with pytest.warns(UserWarning, match=r"nothing was converted in Sequential; 1 recognised timm module"):
+        report = nfk.convert(model)
+    assert len(report.skipped) == 1
+
+
+def test_convert_does_not_warn_when_it_converts_something(recwarn):
+    nfk.convert(TimmStyleNet())
+    twice = nn.Sequential(ScaledStdConv2d(3, 8, 3))
+    assert len(nfk.convert(twice).converted) == 1
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    with pytest.warns(UserWarning, match="nothing was converted"):  # converting again finds nothing left
+        nfk.convert(twice)
+

@@ -1,5 +1,6 @@
-"""NFNet against timm: the tiny dm_nfnet-style reference in ../shared/data/timm_nfnet_tiny.pt
+"""NFNet against timm: the tiny dm_nfnet-style reference in tests/data/timm_nfnet_tiny.pt
 (timm 1.0.29, float64, randomized parameters) and the paper's parameter counts."""
+import math
 from dataclasses import replace
 
 import pytest
@@ -71,7 +72,7 @@ def test_float32_triton_backend_matches_timm(reference, case_index):
         assert_close(grads[name], ref, 1e-3, name)
 
 
-# Paper Table 1 / timm dm_nfnet_fX (nfnet_f7) parameter counts, in millions.
+# Paper Table 1 / timm dm_nfnet_f0 … f6 parameter counts, in millions (F7: the paper; timm has no dm_nfnet_f7).
 PAPER_DEPTHS = {"f0": (1, 2, 6, 3), "f1": (2, 4, 12, 6), "f2": (3, 6, 18, 9), "f3": (4, 8, 24, 12),
                 "f4": (5, 10, 30, 15), "f5": (6, 12, 36, 18), "f6": (7, 14, 42, 21), "f7": (8, 16, 48, 24)}
 PAPER_PARAMS_M = {"f0": 71.5, "f1": 132.6, "f2": 193.8, "f3": 254.9, "f4": 316.1, "f5": 377.2, "f6": 438.4,
@@ -155,3 +156,66 @@ def test_builds_and_trains_on_meta_device(flavor, backend):
     for name, p in model.named_parameters():
         assert p.device.type == "meta" and p.grad is not None, name
         assert (p.grad.shape, p.grad.dtype, p.grad.device.type) == (p.shape, p.dtype, "meta"), name
+
+
+def timm_std_conv_same(x, conv):
+    """timm's ScaledStdConv2dSame as dm_nfnet uses it (gamma_in_act: γ is in the activation),
+    written out: W standardized over (in, kh, kw) with the biased variance and eps 1e-5, times
+    gain / sqrt(fan_in), after TensorFlow SAME padding."""
+    w = conv.weight
+    mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), unbiased=False, keepdim=True)
+    w_hat = (w - mean) / torch.sqrt(var + 1e-5) * conv.gain / math.sqrt(w[0].numel())
+    k, s = w.shape[-1], conv.stride[0]
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):  # F.pad takes the last dimension first
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.conv2d(F.pad(x, pads), w_hat, conv.bias, s, 0, 1, conv.groups)
+
+
+def timm_features_key(key):
+    """The state-dict key in timm's FeatureListNet (timm/models/_features.py, _module_list with
+    flatten_sequential=True, as nfnet.py's _create_normfreenet asks): the children of first-level
+    Sequentials (stem, stages) move up, their names joined with '_'."""
+    top, rest = key.split(".", 1)
+    if top in ("stem", "stages"):
+        child, rest = rest.split(".", 1)
+        return f"{top}_{child}.{rest}"
+    return key
+
+
+def test_features_only_is_timms_feature_list_net(reference):
+    """features_only: timm's state-dict layout (so timm's features_only weights load strictly),
+    its modules up to the last tap only, and the feature maps at timm's taps: the stem's conv3 and
+    the final conv before their activations, stages 0-2 as they leave the stage."""
+    timm_sd = {timm_features_key(k): v for k, v in reference["state_dict"].items() if not k.startswith("head.")}
+    model = tiny_model(reference)
+    fresh = nfk.models.NFNetFeatures(NFNet(model.cfg, num_classes=reference["num_classes"]).to(DEVICE, torch.float64))
+    assert set(fresh.state_dict()) == set(timm_sd)
+    fresh.load_state_dict(timm_sd, strict=True)
+    fresh.eval()
+    two = nfk.models.NFNetFeatures(tiny_model(reference), out_indices=(0, 1))
+    assert set(two.state_dict()) == {k for k in timm_sd if k.startswith(("stem_conv", "stages_0."))}
+    one = nfk.models.NFNetFeatures(tiny_model(reference), out_indices=(0,))
+    assert set(one.state_dict()) == {k for k in timm_sd if k.startswith(("stem_conv1.", "stem_conv2.", "stem_conv3."))}
+
+    x = reference["cases"][0]["x"].to(DEVICE)
+    model.eval()
+    stage_out = []
+    hooks = [stage.register_forward_hook(lambda m, i, o: stage_out.append(o)) for stage in model.stages]
+    gamma = 1.7015043497085571  # GELU's γ in timm's _nonlin_gamma (DeepMind's table)
+    with torch.no_grad(), nfk.use_backend("torch"):
+        model(x)
+        for h in hooks:
+            h.remove()
+        h = x
+        for conv in (model.stem.conv1, model.stem.conv2):
+            h = gamma * F.gelu(timm_std_conv_same(h, conv))
+        expected = [timm_std_conv_same(h, model.stem.conv3), *stage_out[:3],
+                    timm_std_conv_same(stage_out[3], model.final_conv)]
+        feats = fresh(x)
+        assert [tuple(f.shape) for f in feats] == [(4, 16, 32, 32), (4, 32, 16, 16), (4, 64, 8, 8), (4, 96, 4, 4),
+                                                   (4, 192, 2, 2)]
+        for i, (f, e) in enumerate(zip(feats, expected)):
+            assert_close(f, e, 1e-9, f"feature {i}")
+        assert_close(two(x)[1], stage_out[0], 1e-9, "out_indices=(0, 1)")

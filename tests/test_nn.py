@@ -137,24 +137,39 @@ def test_wsconv2d_parameters_match_timm_names_and_shapes():
         WSConv2d(4, 4, 3, padding="valid")
 
 
-def test_wsconv2d_caches_standardized_weight_without_grad_and_notices_changes():
+def test_wsconv2d_recomputes_standardized_weight_by_default_and_follows_every_change():
+    """No implicit cache (issue 11, item 5): in eval without grad each call standardizes the weight
+    it sees, whether it was changed in place, by load_state_dict or through .data."""
     conv = randomize_(WSConv2d(4, 6, 3), seed=3).eval()
     with torch.no_grad():
         first = conv.standardized_weight()
-        assert conv.standardized_weight() is first  # cached
+        assert conv.standardized_weight() is not first  # recomputed, nothing kept
         conv.weight.mul_(2.0).add_(0.5)              # in place, as an optimizer step does
-        second = conv.standardized_weight()
-        assert second is not first
-        assert_close(second, ref_standardize(conv.weight, conv.gain, 1e-5), 2e-5, "after weight change")
+        assert_close(conv.standardized_weight(), ref_standardize(conv.weight, conv.gain, 1e-5), 2e-5, "in place")
         conv.gain.mul_(3.0)
-        third = conv.standardized_weight()
-        assert third is not second
-        assert_close(third, ref_standardize(conv.weight, conv.gain, 1e-5), 2e-5, "after gain change")
+        assert_close(conv.standardized_weight(), ref_standardize(conv.weight, conv.gain, 1e-5), 2e-5, "gain")
         conv.load_state_dict({k: v * 0.5 for k, v in conv.state_dict().items()})
         assert_close(conv.standardized_weight(), ref_standardize(conv.weight, conv.gain, 1e-5), 2e-5, "after load")
-    # With grad enabled nothing is cached: the weight must stay in the autograd graph.
+        conv.weight.data[:, 0].mul_(-3.0)             # bypasses the version counters
+        assert_close(conv.standardized_weight(), ref_standardize(conv.weight, conv.gain, 1e-5), 2e-5, "after .data")
     w = conv.standardized_weight()
-    assert w.requires_grad and conv._cached_weight is None
+    assert w.requires_grad  # with grad enabled Ŵ stays in the autograd graph
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_standardized_weights_give_the_plain_torch_block(backend):
+    """freeze_standardized_weights(model) freezes every WSConv2d of a block (downsample included);
+    the frozen block still computes timm's block, and unfreezing undoes it."""
+    blk = randomize_(NFBlock(**BLOCK_CONFIGS["nfnet_downsample_stride2_same"]), seed=14).double().eval()
+    x = torch.randn(2, 16, 9, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    assert nfk.nn.freeze_standardized_weights(blk) == 5  # conv1, conv2, conv2b, conv3, downsample.conv
+    with torch.no_grad(), nfk.use_backend(backend):
+        out = blk(x)
+    with torch.no_grad():
+        ref = ref_block(x, blk)
+    assert_close(out, ref, tolerance(torch.float64, backend), "frozen block")
+    assert nfk.nn.unfreeze_standardized_weights(blk) == 5
+    assert not any(m.standardized_weight_frozen for m in blk.modules() if isinstance(m, WSConv2d))
 
 
 # ----------------------------------------------------------------------------- ScaledAct, SE
@@ -243,18 +258,16 @@ def test_nfblock_parameter_names_match_timm():
     assert names["conv3.gain"] == (32, 1, 1, 1)
 
 
-def test_wsconv2d_cache_from_inference_mode_is_not_reused_for_autograd():
+def test_wsconv2d_weight_from_inference_mode_is_not_reused_for_autograd():
     conv = randomize_(WSConv2d(4, 6, 3), seed=12).eval().requires_grad_(False)
     x = torch.randn(1, 4, 5, 5)
     with torch.inference_mode():
         conv(x)
     x.requires_grad_(True)
-    conv(x).sum().backward()  # frozen weights, gradient for the input: needs a normal Ŵ
-    assert x.grad is not None
-    conv.weight.data.mul_(-1.0)  # bypasses the version counter ...
-    conv.clear_cache()           # ... so the cache is dropped by hand
-    with torch.no_grad():
-        assert_close(conv.standardized_weight(), ref_standardize(conv.weight, conv.gain, 1e-5), 2e-5, "after .data")
+    conv(x).sum().backward()  # frozen parameters, gradient for the input: needs a normal Ŵ
+    ref_dx = torch.nn.grad.conv2d_input(x.shape, ref_standardize(conv.weight, conv.gain, 1e-5),
+                                        torch.ones(1, 6, 5, 5), padding=1)
+    assert_close(x.grad, ref_dx, 2e-5, "dx")
 
 
 def test_wsconv2d_compiles_in_eval_without_graph_breaks():
@@ -288,7 +301,8 @@ META_LAYERS = {
 def test_layers_run_on_meta_device(name, dtype, backend):
     """Built under torch.device("meta"), every layer runs forward and backward there with any
     backend set (no data, so the torch path computes the shapes); each parameter gets a meta
-    gradient of its own shape and dtype, and the no-grad (cached-weight) path runs too."""
+    gradient of its own shape and dtype, and the no-grad path runs too, with frozen standardized
+    weights as well."""
     build, in_shape, out_shape = META_LAYERS[name]
     with torch.device("meta"):
         layer = build().to(dtype).train()
@@ -299,6 +313,8 @@ def test_layers_run_on_meta_device(name, dtype, backend):
         out.backward(torch.ones_like(out))
         with torch.no_grad():
             assert layer.eval()(x).shape == out_shape
+            nfk.nn.freeze_standardized_weights(layer)
+            assert layer(x).shape == out_shape
     assert x.grad is not None and x.grad.shape == x.shape and x.grad.device.type == "meta"
     for pname, p in layer.named_parameters():
         assert p.grad is not None, pname

@@ -1,4 +1,4 @@
-"""Property tests of nfkernels.agc_ (DESIGN.md §5, unit-wise AGC) against timm's
+"""Property tests of nfkernels.agc_ (docs/design.md §5, unit-wise AGC) against timm's
 adaptive_clip_grad written out here in float64, over drawn lists of parameters: shapes (scalar,
 1-D, 2-D, 4-D, (O,1,1,1), empty, rows longer than a block), parameter and gradient dtypes (a
 gradient may have another dtype than its parameter: torch's ``grad_dtype``), layouts and views,

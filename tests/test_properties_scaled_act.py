@@ -1,5 +1,5 @@
 """Property tests of nfkernels.scaled_act: y = γ·scale·f(x + b_c), dx = dy·γ·scale·f'(x + b_c),
-db_c = Σ dx over all dims but 1 (DESIGN.md §5), against f and f' written out here in float64 with
+db_c = Σ dx over all dims but 1 (docs/design.md §5), against f and f' written out here in float64 with
 their limits at ±inf; shapes, dtypes, layouts, value scales and backends drawn by hypothesis."""
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ def test_nan_input_gives_nan_output(backend, act):
 @pytest.mark.parametrize(("act", "z"), [("softplus", 21.0), ("log_sigmoid", -21.0)])
 def test_softplus_beyond_twenty_in_float64(backend, act, z):
     """softplus is log1p(exp(z)) for every z (σ(21) = 1 − 7.6e-10), not z itself beyond 20 as
-    F.softplus's default threshold makes it: the fp64 bound of DESIGN.md §6 holds there."""
+    F.softplus's default threshold makes it: the fp64 bound of docs/design.md §6 holds there."""
     x = torch.full((2, 3), z, dtype=F64, device=DEVICE).requires_grad_(True)
     with nfk.use_backend(backend):
         y = nfk.scaled_act(x, act=act, gamma=1.0)
@@ -340,7 +340,7 @@ SATURATED = {F32: [("tanh", 5.0), ("sigmoid", 10.0), ("softsign", 1e4)],
 @pytest.mark.parametrize(("dtype", "act", "z"), [(d, a, z) for d, cases in SATURATED.items() for a, z in cases],
                          ids=[f"{str(d)[6:]}-{a}({z:g})" for d, cases in SATURATED.items() for a, z in cases])
 def test_saturated_derivatives(backend, dtype, act, z, request):
-    """f'(z) keeps the relative accuracy of DESIGN.md §6 in a saturated tail, for a tensor whose
+    """f'(z) keeps the relative accuracy of docs/design.md §6 in a saturated tail, for a tensor whose
     every element sits there (the property tests allow rounding at the scale of |dy| instead)."""
     if backend == "torch":
         request.applymarker(pytest.mark.xfail(strict=True, reason=TORCH_OWN_BACKWARD))

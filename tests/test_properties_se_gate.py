@@ -1,4 +1,4 @@
-"""Property tests of nfkernels.se_gate_residual (DESIGN.md §5, squeeze-excite gate with the
+"""Property tests of nfkernels.se_gate_residual (docs/design.md §5, squeeze-excite gate with the
 SkipInit residual) against the formula written here in float64 (gradients by autograd through
 it), with shapes (incl. N = 0 and H·W = 0), dtypes, layouts, optional arguments, value scales
 and backends drawn by hypothesis."""

@@ -1,4 +1,4 @@
-"""Property tests of nfkernels.weight_standardize (DESIGN.md §5, Scaled Weight Standardization)
+"""Property tests of nfkernels.weight_standardize (docs/design.md §5, Scaled Weight Standardization)
 against the formula written here in float64 (gradients by autograd through it), with shapes,
 dtypes, layouts and views, value scales, eps modes and backends drawn by hypothesis."""
 from __future__ import annotations

@@ -12,7 +12,7 @@ class ScaledAct(nn.Module):
     """y = gamma · scale · act(x + bias_c), one fused kernel each way.
 
     ``gamma=None`` takes the activation's NF gain (DeepMind's table, also timm's): it keeps the
-    output's second moment at 1 for unit-Gaussian inputs. ``scale`` folds a further constant in,
+    output's variance at 1 for unit-Gaussian inputs. ``scale`` folds a further constant in,
     e.g. the β = 1/expected-std of an NF block. ``forward`` takes an optional per-channel bias so a
     preceding conv's bias is added here instead of by the conv. ``inplace`` is accepted for timm
     compatibility and ignored (the kernel writes a new tensor).

@@ -32,7 +32,7 @@ class DownsampleAvg(nn.Module):
 
 
 class NFBlock(nn.Module):
-    """Normalizer-free pre-activation bottleneck (Brock et al. 2021, Fig. 1; timm NormFreeBlock).
+    """Normalizer-free pre-activation bottleneck (Brock et al. 2021, §4; timm NormFreeBlock).
 
         h   = act(x) · β                      (γ·β folded into one scaled activation)
         sc  = x, or DownsampleAvg(h)

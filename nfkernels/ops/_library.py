@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from triton.runtime.jit import JITFunction
+from nfkernels.ops._triton import JITFunction
 
 NAMESPACE = "nfkernels"
 

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import triton
-import triton.language as tl
+from nfkernels.ops._triton import tl, triton
 
 from nfkernels.ops._library import cuda_launch
 from nfkernels.ops._utils import device_guard, dim0_rows, next_power_of_2

@@ -8,7 +8,7 @@ For x of shape (N, C, ...) and a bias b with C elements, broadcast over channel 
     dbias_c = Σ over every dim but 1 of dx
 
 γ is the NF gain of f (``NF_GAMMA``: the value that keeps a unit-Gaussian input's output at unit
-second moment, from DeepMind's table, which timm copies). In an NF block the caller passes
+variance, 1/std(f(z)) for z ~ N(0, 1), from DeepMind's table, which timm copies). In an NF block the caller passes
 scale = β (1 / expected std), so γ·β·f(x + b) replaces a separate bias add, activation and scale.
 
 The activations, z = x + b (σ the logistic sigmoid, Φ/φ the standard normal cdf/pdf)::
@@ -43,7 +43,7 @@ gelu_tanh' stays finite for any finite z. The torch path uses torch's own functi
 backward formulas, which torch takes from the rounded output (σ' = y(1 − y), tanh' = 1 − y²) or
 from a composite's autograd (softsign), and whose gelu_tanh' is NaN beyond |z| ≈ 1e13 (fp32):
 its derivatives there have only the absolute accuracy of the dtype, not the relative accuracy of
-DESIGN.md §6. Softplus and log_sigmoid are exact on both paths (the torch path uses logaddexp,
+docs/design.md §6. Softplus and log_sigmoid are exact on both paths (the torch path uses logaddexp,
 not F.softplus, whose threshold of 20 is off by up to 2e-9).
 
 Triton's libdevice (tanh, log1p, expm1) does not run under TRITON_INTERPRET=1, so the kernels
@@ -62,8 +62,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from nfkernels.ops._triton import tl, triton
 
 from nfkernels.ops._library import cuda_launch, define_cuda_op, define_op, dtype_name, kernels_are_compiled, launch
 from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2

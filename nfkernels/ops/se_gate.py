@@ -1,6 +1,6 @@
 """Squeeze-excite gate with the SkipInit residual: the tail of an NF-ResNet/NFNet block (timm
 ``NormFreeBlock`` with ``attn_last=SEModule``, ``drop_path``, ``skipinit_gain`` and ``alpha``;
-Brock et al. 2021, arXiv:2102.06171; DESIGN.md §5 "Squeeze-excite gate with residual").
+Brock et al. 2021, arXiv:2102.06171; docs/design.md §5 "Squeeze-excite gate with residual").
 
 With h the conv3 output without its bias b, the shortcut s without its bias sb, the SkipInit
 scalar k (1 without one), the per-sample stochastic-depth multipliers m_n (1 without a mask) and
@@ -41,8 +41,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from nfkernels.ops._triton import tl, triton
 
 from nfkernels.ops._library import cuda_launch, define_cuda_op, define_op, dtype_name, kernels_are_compiled, launch
 from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2

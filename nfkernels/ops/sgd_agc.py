@@ -14,8 +14,7 @@ the bytes of torch's fused SGD alone. The gradient itself is left unclipped in m
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from nfkernels.ops._triton import tl, triton
 
 from nfkernels.ops._library import cuda_launch
 from nfkernels.ops._utils import device_guard

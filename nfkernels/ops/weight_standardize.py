@@ -13,7 +13,7 @@ q_i = r_i²/N (timm), r_i² (deepmind, unclamped) or 0 (deepmind, clamped at eps
 
     dW_ij = s_i · (dŴ_ij − mean_j dŴ_ij − q_i · a_i · u_ij),     dg_i = s0_i · a_i
 
-(the timm form equals DESIGN.md §5's c·r·(dŴ − mean dŴ − x̂·mean(dŴ ⊙ x̂))).
+(the timm form equals docs/design.md §5's c·r·(dŴ − mean dŴ − x̂·mean(dŴ ⊙ x̂))).
 
 Two kernel sets run this math behind the same autograd formula: the Triton kernels below
 (``torch.ops.nfkernels.weight_standardize_fwd`` / ``_bwd``) and the CUDA kernels of
@@ -26,8 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from nfkernels.ops._triton import tl, triton
 
 from nfkernels.ops._library import cuda_launch, define_cuda_op, define_op, kernels_are_compiled, launch
 from nfkernels.ops._utils import contiguous_dim0_rows, new_empty, new_empty_like, next_power_of_2
