@@ -9,7 +9,7 @@
 #   use, is installed, into the venv. NFK_VENV=none uses the current interpreter instead (a
 #   throwaway CI or GPU machine), installing what is missing into it.
 # - nfkernels is installed editable, and reinstalled only when a build input changed (the CUDA
-#   sources, the bindings, the build files, NFK_BUILD_CUDA, NFK_CUDA_ARCHS); the CMake build
+#   sources, the bindings, the build files, whether the extension is wanted, NFK_CUDA_ARCHS); the CMake build
 #   folder survives in build/, so even then only what changed is recompiled.
 # - The base interpreter is $PYTHON (default python3).
 # Idempotent and offline-safe: with everything present it asks pip for nothing.
@@ -79,15 +79,15 @@ PYEOF
     fi
 
     # Reinstall only when a build input changed, or nfkernels does not resolve to this checkout.
-    local stamp_dir=$NFK_ROOT/build stamp inputs installed
-    inputs=$( (cd "$NFK_ROOT" && cat setup.py pyproject.toml CMakeLists.txt csrc/* python/*;
-               echo "${NFK_BUILD_CUDA-} ${NFK_CUDA_ARCHS-} $(command -v nvcc || true) $py") | cksum | cut -d' ' -f1)
-    stamp=$stamp_dir/install-$(echo "$py" | cksum | cut -d' ' -f1).stamp
-    installed=$("$py" -c "import importlib.util as u; s = u.find_spec('nfkernels'); print(s.origin if s else '')")
     local want_extension=0
     if [ "${NFK_BUILD_CUDA-}" = 1 ] || { [ "${NFK_BUILD_CUDA-}" != 0 ] && command -v nvcc >/dev/null; }; then
         want_extension=1
     fi
+    local stamp_dir=$NFK_ROOT/build stamp inputs installed
+    inputs=$( (cd "$NFK_ROOT" && cat setup.py pyproject.toml CMakeLists.txt csrc/* python/*;
+               echo "$want_extension ${NFK_CUDA_ARCHS-} $(command -v nvcc || true) $py") | cksum | cut -d' ' -f1)
+    stamp=$stamp_dir/install-$(echo "$py" | cksum | cut -d' ' -f1).stamp
+    installed=$("$py" -c "import importlib.util as u; s = u.find_spec('nfkernels'); print(s.origin if s else '')")
     if [ "$installed" != "$NFK_ROOT/nfkernels/__init__.py" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] ||
        { [ $want_extension = 1 ] && ! compgen -G "$NFK_ROOT/nfkernels/_C*.so" >/dev/null; }; then
         echo "nfkernels: installing nfkernels (editable) into $("$py" -c 'import sys; print(sys.prefix)')" >&2

@@ -272,7 +272,21 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-class NFNet(nn.Module):
+class _DefaultCfgAlias:
+    """timm's older name ``default_cfg`` for ``pretrained_cfg``: both name the same dict, as in timm."""
+
+    pretrained_cfg: dict
+
+    @property
+    def default_cfg(self) -> dict:
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, value: dict) -> None:
+        self.pretrained_cfg = value
+
+
+class NFNet(_DefaultCfgAlias, nn.Module):
     """Normalizer-Free Network: stem, four stages of NFBlocks, final 1×1 conv, scaled act, head.
 
     The constructor takes timm NormFreeNet's ``num_classes`` (0: no classifier, ``head.fc`` is an
@@ -347,15 +361,6 @@ class NFNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    @property
-    def default_cfg(self) -> dict:
-        """timm's older name for ``pretrained_cfg``; both name the same dict, as in timm."""
-        return self.pretrained_cfg
-
-    @default_cfg.setter
-    def default_cfg(self, value: dict) -> None:
-        self.pretrained_cfg = value
 
     def get_classifier(self) -> nn.Module:
         """The final classifier, which AGC leaves unclipped (an Identity when num_classes=0)."""
@@ -478,7 +483,7 @@ def _check_out_indices(out_indices: object, n: int) -> tuple[int, ...]:
     return tuple(normalized)
 
 
-class NFNetFeatures(nn.Module):
+class NFNetFeatures(_DefaultCfgAlias, nn.Module):
     """An NFNet's feature pyramid: timm's ``features_only=True`` model (FeatureListNet).
 
     ``forward`` returns the list of feature maps at ``feature_info.out_indices`` (default all five:
@@ -516,15 +521,6 @@ class NFNetFeatures(nn.Module):
         for key in ("num_classes", "classifier", "global_pool"):  # timm's pretrained_cfg_for_features
             cfg.pop(key, None)
         self.pretrained_cfg = cfg
-
-    @property
-    def default_cfg(self) -> dict:
-        """timm's older name for ``pretrained_cfg``."""
-        return self.pretrained_cfg
-
-    @default_cfg.setter
-    def default_cfg(self, value: dict) -> None:
-        self.pretrained_cfg = value
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in backward instead of storing them."""
