@@ -36,8 +36,10 @@ _nfk_setup() {
     local py=$NFK_PYTHON
     pipi() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 
-    # torch first, pinned: a bare `torch` requirement would pull the multi-GB CUDA build.
-    "$py" -c "import torch" 2>/dev/null || pipi "torch==2.13.0"
+    # torch first, pinned: a bare `torch` requirement would pull the multi-GB CUDA build. That is
+    # the CPU build, whose Triton runs in the interpreter: numpy<2.4 (below), installed with it so
+    # that torch does not import without numpy once.
+    "$py" -c "import torch" 2>/dev/null || pipi "torch==2.13.0" "numpy<2.4"
 
     local missing
     missing=$("$py" - <<'PYEOF'
