@@ -53,14 +53,10 @@ if IMPORT_ERROR is not None:
     def _cdiv(x: int, y: int) -> int:
         return (x + y - 1) // y
 
-    def _next_power_of_2(n: int) -> int:
-        return 1 << max(int(n) - 1, 0).bit_length()
-
     class _Constexpr:
         """Only ever used as an annotation of kernel parameters."""
 
     tl = types.SimpleNamespace(constexpr=_Constexpr)
-    triton = types.SimpleNamespace(jit=_jit, cdiv=_cdiv, next_power_of_2=_next_power_of_2,
-                                   language=tl, __version__=None)
+    triton = types.SimpleNamespace(jit=_jit, cdiv=_cdiv)  # what the op modules use
 
 __all__ = ["IMPORT_ERROR", "INSTALL_HINT", "JITFunction", "available", "tl", "triton"]
