@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("se_gate", "bench_se_gate", [[], ["--channels-last"]]),
     ("agc", "bench_agc", [[]]),
     ("train_step", "train_step", [["--variant", v] + fmt for v in ("f0", "f1") for fmt in ([], ["--channels-last"])]),
+    ("step_profile", "step_profile", [[]]),
 ]
 
 

@@ -248,6 +248,10 @@ def explain_columns(columns: list[str], reference: str, unit: str) -> str:
         parts.append("`images/s` is the batch over the median step time.")
     if "speedup_vs_ref" in columns:
         parts.append(f"`speedup_vs_ref` is the median of `{reference}` over this row's (above 1: faster).")
+    if "launches" in columns:
+        parts.append("`launches` counts the kernel, memcpy and memset launches torch.profiler records (GPU "
+                     "only); `device_ops` counts each aten op that does device work (views, allocations and "
+                     "metadata excluded) and each nfkernels kernel launch, at dispatch, on any machine.")
     if "peak_MB" in columns:
         parts.append("`peak_MB` is the peak CUDA memory allocated during a run (GPU only).")
     if "loss_step0" in columns:
@@ -258,16 +262,18 @@ def explain_columns(columns: list[str], reference: str, unit: str) -> str:
 
 def write_results(name: str, rows: list[dict], columns: list[str], meta: dict, device: torch.device, *,
                   notes: dict[str, str] | None = None, case_key: str | None = "case", reference: str | None = None,
-                  unit: str = "time per call") -> Path:
+                  unit: str = "time per call", appendix: str = "") -> Path:
     """Write bench/results/<name>_<device>.json, .png (where matplotlib is installed) and .md, with
-    the providers explained; returns the markdown path."""
+    the providers explained and ``appendix`` (markdown) at the end; returns the markdown path.
+    Rows whose ``ms`` is None (not measured) are in the tables, not in the chart."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = RESULTS_DIR / f"{name}_{device_slug(device)}"
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     notes = {p: {**PROVIDER_NOTES, **(notes or {})}.get(p, "") for p in providers}
     reference = reference or (providers[0] if providers else "")
     title = f"{name} on {meta.get('device', device_name(device))}"
-    png = write_plot(stem, rows, title, notes, case_key=case_key, unit=unit) if rows else None
+    timed = [r for r in rows if r.get("ms") is not None]
+    png = write_plot(stem, timed, title, notes, case_key=case_key, unit=unit) if timed else None
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "providers": notes, "rows": rows}, indent=2)
                                          + "\n")
     md = [f"# {title}", "", ", ".join(f"{k} {fmt(k, v)}" for k, v in meta.items() if k != "device"), "",
@@ -276,6 +282,8 @@ def write_results(name: str, rows: list[dict], columns: list[str], meta: dict, d
         md += [f"![{name}]({png.name})", ""]
     md += [markdown_table(rows, columns), "", "Providers:", ""]
     md += [f"- **{p}**: {note}" for p, note in notes.items()]
+    if appendix:
+        md += ["", appendix]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     WRITTEN.extend(p for p in (stem.with_suffix(".json"), stem.with_suffix(".md"), png) if p is not None)
     return stem.with_suffix(".md")

@@ -73,13 +73,19 @@ def build_models(variant: str, num_classes: int, device, memory_format):
     return ours, ref, label
 
 
-def reference_step_fn(model, amp_dtype, torch_backend: bool):
+def reference_clip(model):
+    """(timm's adaptive_clip_grad, or its loop written out where timm does not import; the
+    parameters it clips: all but the classifier)."""
     timm, _ = import_timm()
     if timm is not None:
         from timm.utils.agc import adaptive_clip_grad
     else:
         adaptive_clip_grad = timm_adaptive_clip_grad
-    params = [p for n, p in model.named_parameters() if not n.startswith("head.fc")]
+    return adaptive_clip_grad, [p for n, p in model.named_parameters() if not n.startswith("head.fc")]
+
+
+def reference_step_fn(model, amp_dtype, torch_backend: bool):
+    adaptive_clip_grad, params = reference_clip(model)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and not n.endswith("gain")]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and not n.endswith("gain"))]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],

@@ -9,13 +9,15 @@ namespace {
 // G and W may differ (torch allows e.g. fp32 weights with bf16 gradients).
 template <typename G, typename W>
 __global__ void __launch_bounds__(kThreads) agc_kernel(G* __restrict__ grad, const W* __restrict__ weight,
-                                                       const int64_t* __restrict__ table, double clip_factor,
+                                                       const int64_t* __restrict__ rows,
+                                                       const int64_t* __restrict__ bases, double clip_factor,
                                                        double eps) {
   using Acc = typename AccType2<G, W>::type;
-  const int64_t* entry = table + static_cast<int64_t>(blockIdx.x) * 3;
-  G* g = grad + entry[0];
-  const W* w = weight + entry[1];
-  const int64_t length = entry[2];
+  const int64_t* row = rows + static_cast<int64_t>(blockIdx.x) * 3;
+  const int64_t* base = bases + row[0] * 2;
+  G* g = grad + base[0] + row[1];
+  const W* w = weight + base[1] + row[1];
+  const int64_t length = row[2];
   Acc w_sq = 0, g_sq = 0;
   for (int64_t k = threadIdx.x; k < length; k += kThreads) {
     const Acc gk = to_acc(g[k]), wk = to_acc(w[k]);
@@ -30,8 +32,8 @@ __global__ void __launch_bounds__(kThreads) agc_kernel(G* __restrict__ grad, con
 
 }  // namespace
 
-cudaError_t agc(DType grad_dtype, DType weight_dtype, void* grad, const void* weight, const int64_t* table,
-                int64_t n_units, double clip_factor, double eps, cudaStream_t stream) {
+cudaError_t agc(DType grad_dtype, DType weight_dtype, void* grad, const void* weight, const int64_t* rows,
+                const int64_t* bases, int64_t n_units, double clip_factor, double eps, cudaStream_t stream) {
   if (n_units <= 0) return cudaSuccess;
   if (n_units > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return with_type(grad_dtype, [&](auto g_tag) {
@@ -39,7 +41,7 @@ cudaError_t agc(DType grad_dtype, DType weight_dtype, void* grad, const void* we
       using G = decltype(g_tag);
       using W = decltype(w_tag);
       agc_kernel<G, W><<<static_cast<unsigned>(n_units), kThreads, 0, stream>>>(
-          static_cast<G*>(grad), static_cast<const W*>(weight), table, clip_factor, eps);
+          static_cast<G*>(grad), static_cast<const W*>(weight), rows, bases, clip_factor, eps);
       return cudaGetLastError();
     });
   });

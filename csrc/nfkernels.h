@@ -11,13 +11,14 @@ namespace nfk {
 enum class DType { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
 // Unit-wise Adaptive Gradient Clipping (Brock et al. 2021, §4.1; timm adaptive_clip_grad) of
-// every row of `table` in one launch. `table` (device, n_units x 3 int64) holds per unit the
-// gradient offset, weight offset (elements from grad / weight) and the unit length. Per unit:
+// every unit row in one launch. `rows` (device, n_units x 3 int64) holds per unit its tensor t,
+// its first element within that tensor and its length; `bases` (device, n_tensors x 2 int64)
+// holds per tensor the offsets of its gradient and weight (elements from grad / weight). Per unit:
 // ||W||* = max(||W||, eps); unless ||G|| < clip_factor ||W||*,
 // G <- G * clip_factor ||W||* / max(||G||, 1e-6). The gradient and weight dtypes may differ; norms
 // accumulate in fp32 (fp64 when either is fp64).
-cudaError_t agc(DType grad_dtype, DType weight_dtype, void* grad, const void* weight, const int64_t* table,
-                int64_t n_units, double clip_factor, double eps, cudaStream_t stream);
+cudaError_t agc(DType grad_dtype, DType weight_dtype, void* grad, const void* weight, const int64_t* rows,
+                const int64_t* bases, int64_t n_units, double clip_factor, double eps, cudaStream_t stream);
 
 // Scalars are double so fp64 parameters keep fp64 hyper-parameters; kernels of other dtypes
 // round them once to their accumulation type.
@@ -26,14 +27,16 @@ struct SgdAgcOptions {
   bool clip, has_momentum, nesterov;
 };
 
-// SGD (torch.optim.SGD semantics, no dampening) with AGC, one pass per unit row. `table`
-// (device, n_rows x 4 int64): param, grad, momentum-buffer offsets and the row length. Per row:
+// SGD (torch.optim.SGD semantics, no dampening) with AGC, one pass per unit row. `rows` as for
+// agc; `bases` (device, n_tensors x 3 int64): per tensor its param, grad and momentum-buffer
+// offsets (elements from param / grad / momentum_buffer). Per row:
 // g <- s g (s the AGC factor when clip); g <- g + wd p; buf <- m buf + g (the caller zero-fills
 // buf before the first step, so that is buf <- g); nesterov: g <- g + m buf, else g <- buf;
 // p <- p - lr g. buf (param_dtype) is unused without momentum. The gradient's dtype may differ
 // from the parameter's; the math runs in fp32 (fp64 when either is fp64).
 cudaError_t sgd_agc(DType param_dtype, DType grad_dtype, void* param, const void* grad, void* momentum_buffer,
-                    const int64_t* table, int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream);
+                    const int64_t* rows, const int64_t* bases, int64_t n_rows, const SgdAgcOptions& options,
+                    cudaStream_t stream);
 
 
 // ---------------------------------------------------------------------------------------------
@@ -92,7 +95,8 @@ cudaError_t scaled_act_bwd(DType dtype, Activation act, const void* dy, const vo
 // ---------------------------------------------------------------------------------------------
 // Squeeze-excite gate with the SkipInit residual (mirrors nfkernels/ops/se_gate.py). h, shortcut,
 // out, dout and dh are dense (n, c, hw) tensors, NCHW or channels_last, all in one layout and
-// dtype. coef, pool, s1, s2 and dpool_over_hw are (n, c) row-major in the accumulation dtype.
+// dtype. Per-(n, c) operands (pool, logits, the backward terms, dpool) are (n, c) row-major in the
+// accumulation dtype, per-channel sums (c,) in it.
 struct SeShape {
   int64_t n, c, hw;
   bool channels_last;
@@ -101,14 +105,39 @@ struct SeShape {
 // pool_{n,c} = mean_hw h + b_c.
 cudaError_t se_pool(DType dtype, const void* h, ChannelParam bias, void* pool, const SeShape& shape,
                     cudaStream_t stream);
+
+// The gate of one call, formed inside the kernels per (n, c): u = gain·m_n·σ(z_{n,c}) (gain·m_n
+// without SE) and coef = k·u, with gain = α·attn_gain (α without SE), z = logits ((n, c),
+// accumulation dtype; null: no SE), m = mask (n values, accumulation dtype; null: 1) and
+// k = skip_gain (one value in h's dtype or float32; null: 1).
+struct SeGate {
+  const void* logits;
+  const void* mask;
+  ChannelParam skip_gain;
+  double gain;
+};
+
+// The backward reduction's (n, c) terms in the accumulation dtype, with S1 = Σ_hw dout and
+// S2 = Σ_hw dout·(h + b_c): s1 = S1, coef_s1 = coef·S1, s2_u = S2·u and, with SE (else null),
+// dz = S2·k·gain·m_n·σ(z)σ(−z).
+struct SeGradTerms {
+  void* s1;
+  void* coef_s1;
+  void* s2_u;
+  void* dz;
+};
+
 // out = shortcut + sb_c + coef_{n,c}·(h + b_c); shortcut may be null.
-cudaError_t se_gate_fwd(DType dtype, const void* h, const void* shortcut, const void* coef, ChannelParam bias,
+cudaError_t se_gate_fwd(DType dtype, const void* h, const void* shortcut, const SeGate& gate, ChannelParam bias,
                         ChannelParam shortcut_bias, void* out, const SeShape& shape, cudaStream_t stream);
-// s1_{n,c} = Σ_hw dout, s2_{n,c} = Σ_hw dout·(h + b_c).
-cudaError_t se_gate_bwd_reduce(DType dtype, const void* dout, const void* h, ChannelParam bias, void* s1, void* s2,
-                               const SeShape& shape, cudaStream_t stream);
-// dh = dout·coef_{n,c} + dpool_over_hw_{n,c}; dpool_over_hw may be null (no SE).
-cudaError_t se_gate_bwd(DType dtype, const void* dout, const void* coef, const void* dpool_over_hw, void* dh,
+// Writes `terms` (dz only with SE).
+cudaError_t se_gate_bwd_reduce(DType dtype, const void* dout, const void* h, ChannelParam bias, const SeGate& gate,
+                               const SeGradTerms& terms, const SeShape& shape, cudaStream_t stream);
+// dh = dout·coef_{n,c} + dpool_{n,c}/hw, and per channel, summed over samples (accumulation
+// dtype): dshortcut_bias = Σ s1, dbias = Σ (coef_s1 + dpool), dskip_partial = Σ s2_u and, with SE,
+// dfc2_bias = Σ dz. dpool ((n, c), accumulation dtype) and dfc2_bias are null without SE.
+cudaError_t se_gate_bwd(DType dtype, const void* dout, const SeGate& gate, const SeGradTerms& terms, const void* dpool,
+                        void* dh, void* dshortcut_bias, void* dbias, void* dskip_partial, void* dfc2_bias,
                         const SeShape& shape, cudaStream_t stream);
 
 }  // namespace nfk

@@ -1,11 +1,11 @@
 // Squeeze-excite gate with the SkipInit residual: pooling, gate·residual forward, backward
-// reduction and backward streaming kernels (see nfkernels.h; mirrors the Triton kernels of
-// nfkernels/ops/se_gate.py, whose docstring has the full forward and backward math).
+// reduction, backward streaming and per-channel sum kernels (see nfkernels.h; mirrors the Triton
+// kernels of nfkernels/ops/se_gate.py, whose docstring has the full forward and backward math).
 //
 // A dense (n, c, hw) tensor is an (R, K) row-major matrix: NCHW has rows (n, c) and K = hw
 // (channel = row % c), channels-last has rows (n, hw) and K = c (channel = column). Per-(n, c)
-// vectors (coef, pool, s1, s2, dpool) are indexed by row in NCHW and by (row / hw)·c + column
-// in channels-last.
+// operands (pool, logits, the backward terms, dpool) are indexed by row in NCHW and by
+// (row / hw)·c + column in channels-last.
 #include "matrix_tiles.cuh"
 
 namespace nfk {
@@ -15,23 +15,93 @@ namespace {
 // still spreads over many blocks (se_gate.py MAX_BLOCK_C plays the same role).
 constexpr int kMaxReduceThreadsK = kWarp;
 
-// out = coef_{n,c}·(x + b_c) + s + sb_c + extra_{n,c}, elementwise on (row tile, column tile)
-// work items; null operands are absent. Two uses, one kernel:
+// σ(z) and σ(z)σ(−z) (= g(1 − g)) from e = exp(−|z|): no overflow for large |z|, and
+// σ(z)σ(−z) = e/(1 + e)² keeps its relative accuracy where g rounds to 1, which g(1 − g) does not
+// (se_gate.py _sigmoid_and_slope). Source: timm SEModule's x_se.sigmoid().
+template <typename Acc>
+__device__ __forceinline__ void sigmoid_and_slope(Acc z, Acc& g, Acc& slope) {
+  const Acc e = exp(-fabs(z));
+  const Acc r = Acc(1) / (Acc(1) + e);
+  g = z >= Acc(0) ? r : e * r;
+  slope = e * r * r;
+}
+
+// SeGate (nfkernels.h) as the kernels read it, in the accumulation type: u = gain·m_n·σ(z),
+// coef = k·u, formed per (n, c) where needed instead of being materialized by the host.
+template <typename T>
+struct Gate {
+  using Acc = typename AccType<T>::type;
+  const Acc* logits;  // null: no SE, σ taken as 1
+  const Acc* mask;    // null: m = 1
+  ParamPtr<T> skip_gain;  // null data: k = 1
+  Acc gain;  // fp32 kernels round it once, as the Triton kernels' gain_hi + gain_lo
+
+  __device__ __forceinline__ Acc sample_scale(int64_t n) const { return mask != nullptr ? gain * mask[n] : gain; }
+  __device__ __forceinline__ Acc skip() const {
+    return skip_gain.data != nullptr ? skip_gain.template load<Acc>(0) : Acc(1);
+  }
+  __device__ __forceinline__ Acc sigmoid(int64_t nc) const {
+    if (logits == nullptr) return Acc(1);
+    Acc g, slope;
+    sigmoid_and_slope(logits[nc], g, slope);
+    return g;
+  }
+};
+
+template <typename T>
+Gate<T> gate_view(const SeGate& g) {
+  using Acc = typename AccType<T>::type;
+  return Gate<T>{static_cast<const Acc*>(g.logits), static_cast<const Acc*>(g.mask), param_ptr<T>(g.skip_gain),
+                 static_cast<Acc>(g.gain)};
+}
+
+// SeGradTerms (nfkernels.h) in the accumulation type.
+template <typename Acc>
+struct Terms {
+  Acc* s1;
+  Acc* coef_s1;
+  Acc* s2_u;
+  Acc* dz;  // null without SE
+};
+
+template <typename Acc>
+Terms<Acc> terms_view(const SeGradTerms& t) {
+  return Terms<Acc>{static_cast<Acc*>(t.s1), static_cast<Acc*>(t.coef_s1), static_cast<Acc*>(t.s2_u),
+                    static_cast<Acc*>(t.dz)};
+}
+
+// The terms of (n, c) from its sums S1 = Σ_hw dout and S2 = Σ_hw dout·(h + b_c)
+// (_se_gate_bwd_reduce_kernel): S1, coef·S1, S2·u (dk's, from u rather than coef/k: k is 0 at
+// init) and, with SE, dz = S2·k·gain·m_n·σ(z)σ(−z).
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_terms(const Gate<T>& gate, const Terms<Acc>& terms, int64_t n, int64_t nc,
+                                            Acc s1, Acc s2) {
+  const Acc scale = gate.sample_scale(n), coef_scale = scale * gate.skip();
+  Acc g = 1, slope = 0;
+  if (gate.logits != nullptr) sigmoid_and_slope(gate.logits[nc], g, slope);
+  terms.s1[nc] = s1;
+  terms.coef_s1[nc] = coef_scale * g * s1;
+  terms.s2_u[nc] = s2 * (scale * g);
+  if (terms.dz != nullptr) terms.dz[nc] = s2 * coef_scale * slope;
+}
+
+// out = coef_{n,c}·(x + b_c) + s + sb_c + extra_{n,c}/hw, elementwise on (row tile, column tile)
+// work items; null operands are absent. coef = k·gain·m_n·σ(z) (k·gain·m_n without SE) is formed
+// from `gate`. Two uses, one kernel:
 //   forward  (_se_gate_fwd_kernel):  x = h, s = shortcut, extra absent:
-//            out = shortcut + sb_c + coef·(h + b_c), coef = α·k·m_n·attn_gain·sigmoid(z)
-//            (α·k·m_n without SE), precomputed per (n, c) on the host;
-//   backward (_se_gate_bwd_kernel):  x = dout, no biases, s absent, extra = dp/HW:
+//            out = shortcut + sb_c + coef·(h + b_c);
+//   backward (_se_gate_bwd_kernel):  x = dout, no biases, s absent, extra = dp:
 //            dh = dout·coef + dp_{n,c}/HW, the gated path plus the pooling path into the SE.
 // Derivative of the forward: ds = dout, dh = dout·coef (+ pooling path). Math in fp32 (fp64).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    se_stream_kernel(const T* __restrict__ x, const T* __restrict__ shortcut,
-                     const typename AccType<T>::type* __restrict__ coef, ParamPtr<T> bias, ParamPtr<T> shortcut_bias,
-                     const typename AccType<T>::type* __restrict__ extra, T* __restrict__ out, Tiles t, int64_t channels,
-                     int64_t hw, bool channels_last) {
+    se_stream_kernel(const T* __restrict__ x, const T* __restrict__ shortcut, Gate<T> gate, ParamPtr<T> bias,
+                     ParamPtr<T> shortcut_bias, const typename AccType<T>::type* __restrict__ extra,
+                     T* __restrict__ out, Tiles t, int64_t channels, int64_t hw, bool channels_last) {
   using Acc = typename AccType<T>::type;
   constexpr int V = vec_width<T>();
   const int tk = threadIdx.x % t.threads_k, tr = threadIdx.x / t.threads_k;
+  const Acc k = gate.skip();
   for (int64_t tile = blockIdx.x; tile < t.row_tiles * t.col_tiles; tile += gridDim.x) {
     const int64_t col = ((tile % t.col_tiles) * t.threads_k + tk) * V;
     if (col >= t.cols) continue;
@@ -52,14 +122,22 @@ __global__ void __launch_bounds__(kThreads)
       // Index of (n, c) for column offset 0 of this chunk, and its step per column.
       const int64_t nc = channels_last ? (row / hw) * channels + col : row;
       const int nc_step = channels_last ? 1 : 0;
-      if (!channels_last) {
+      const Acc sample_coef = gate.sample_scale(channels_last ? row / hw : row / channels) * k;
+      // coef of this chunk's channels: one per column in channels-last, one per row in NCHW.
+      Acc cf[V];
+      if (channels_last) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) cf[e] = col + e < t.cols ? sample_coef * gate.sigmoid(nc + e) : Acc(0);
+      } else {
         const int64_t c = row % channels;
         const Acc rb = bias.data != nullptr ? bias.template load<Acc>(c) : Acc(0);
         const Acc rsb = shortcut_bias.data != nullptr ? shortcut_bias.template load<Acc>(c) : Acc(0);
+        const Acc rcf = sample_coef * gate.sigmoid(nc);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           b[e] = rb;
           sb[e] = rsb;
+          cf[e] = rcf;
         }
       }
       const int64_t i = row * t.cols + col, end = (row + 1) * t.cols;
@@ -68,11 +146,9 @@ __global__ void __launch_bounds__(kThreads)
       if (shortcut != nullptr) load_acc<V>(shortcut, i, end, t.vector, sc);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const int64_t k = nc + e * nc_step;
         const bool ok = col + e < t.cols;
-        const Acc cf = ok ? coef[k] : Acc(0);
-        const Acc ex = extra != nullptr && ok ? extra[k] : Acc(0);
-        v[e] = cf * (v[e] + b[e]) + sc[e] + sb[e] + ex;
+        const Acc ex = extra != nullptr && ok ? extra[nc + e * nc_step] / static_cast<Acc>(hw) : Acc(0);
+        v[e] = cf[e] * (v[e] + b[e]) + sc[e] + sb[e] + ex;
       }
       store_acc<V>(out, i, end, t.vector, v);
     }
@@ -80,16 +156,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // NCHW reductions over each row (an (n, c) plane), a band of threads_r rows per work item:
-//   pool (kGrad false, _se_pool_fwd_kernel):        out0 = mean_hw x + b_c
-//   grad (kGrad true, _se_gate_bwd_reduce_kernel):  out0 = S1 = Σ_hw dout (x = dout),
-//                                                   out1 = S2 = Σ_hw dout·(h + b_c)
+//   pool (kGrad false, _se_pool_fwd_kernel):        pool = mean_hw x + b_c
+//   grad (kGrad true, _se_gate_bwd_reduce_kernel):  S1 = Σ_hw dout (x = dout),
+//                                                   S2 = Σ_hw dout·(h + b_c), then store_terms
 // S2 = ∂L/∂coef drives the gate's, SkipInit gain's and SE MLP's gradients, S1 the biases'.
 // Derivative of the pooling: dh = dp/HW, db = Σ_n dp. Each row's sums are formed inside one
 // block in a fixed order: deterministic, no atomics. fp32 accumulation (fp64 for fp64).
 template <typename T, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
-    se_reduce_rows_kernel(const T* __restrict__ x, const T* __restrict__ h, ParamPtr<T> bias,
-                          typename AccType<T>::type* __restrict__ out0, typename AccType<T>::type* __restrict__ out1,
+    se_reduce_rows_kernel(const T* __restrict__ x, const T* __restrict__ h, ParamPtr<T> bias, Gate<T> gate,
+                          typename AccType<T>::type* __restrict__ pool, Terms<typename AccType<T>::type> terms,
                           Tiles t, int64_t channels) {
   using Acc = typename AccType<T>::type;
   constexpr int V = vec_width<T>();
@@ -123,10 +199,9 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kGrad) s2 = row_sum(s2, t.threads_k, scratch);
     if (tk == 0 && row_ok) {
       if constexpr (kGrad) {
-        out0[row] = s1;
-        out1[row] = s2;
+        store_terms(gate, terms, row / channels, row, s1, s2);
       } else {
-        out0[row] = s1 / static_cast<Acc>(t.cols) + b;  // divide in Acc: fp64 keeps its precision
+        pool[row] = s1 / static_cast<Acc>(t.cols) + b;  // divide in Acc: fp64 keeps its precision
       }
     }
   }
@@ -136,8 +211,8 @@ __global__ void __launch_bounds__(kThreads)
 // threads_r rows of a block stride over the sample's hw rows, then column_sums adds them up.
 template <typename T, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
-    se_reduce_cols_kernel(const T* __restrict__ x, const T* __restrict__ h, ParamPtr<T> bias,
-                          typename AccType<T>::type* __restrict__ out0, typename AccType<T>::type* __restrict__ out1,
+    se_reduce_cols_kernel(const T* __restrict__ x, const T* __restrict__ h, ParamPtr<T> bias, Gate<T> gate,
+                          typename AccType<T>::type* __restrict__ pool, Terms<typename AccType<T>::type> terms,
                           Tiles t, int64_t hw) {
   using Acc = typename AccType<T>::type;
   constexpr int V = vec_width<T>();
@@ -178,15 +253,39 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         if (col + e >= t.cols) continue;
-        const int64_t k = n * t.cols + col + e;
+        const int64_t nc = n * t.cols + col + e;
         if constexpr (kGrad) {
-          out0[k] = s1[e];
-          out1[k] = s2[e];
+          store_terms(gate, terms, n, nc, s1[e], s2[e]);
         } else {
-          out0[k] = s1[e] / static_cast<Acc>(hw) + b[e];
+          pool[nc] = s1[e] / static_cast<Acc>(hw) + b[e];
         }
       }
     }
+  }
+}
+
+// Per channel, over the samples in order (_se_gate_bwd_sums_kernel): dshortcut_bias = Σ_n S1,
+// dbias = Σ_n (coef·S1 + dp), dskip_partial = Σ_n S2·u (dk is their sum) and, with SE,
+// dfc2_bias = Σ_n dz. One thread per channel, so a warp reads consecutive channels of each
+// (n, c) row; deterministic, no atomics. Each gradient has its own output.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    se_channel_sums_kernel(Terms<Acc> terms, const Acc* __restrict__ dpool, Acc* __restrict__ dshortcut_bias,
+                           Acc* __restrict__ dbias, Acc* __restrict__ dskip_partial, Acc* __restrict__ dfc2_bias,
+                           int64_t n, int64_t c) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t ch = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; ch < c; ch += stride) {
+    Acc sb = 0, b = 0, k = 0, b2 = 0;
+    for (int64_t i = ch; i < n * c; i += c) {
+      sb += terms.s1[i];
+      b += dpool != nullptr ? terms.coef_s1[i] + dpool[i] : terms.coef_s1[i];
+      k += terms.s2_u[i];
+      if (terms.dz != nullptr) b2 += terms.dz[i];
+    }
+    dshortcut_bias[ch] = sb;
+    dbias[ch] = b;
+    dskip_partial[ch] = k;
+    if (terms.dz != nullptr) dfc2_bias[ch] = b2;
   }
 }
 
@@ -195,11 +294,11 @@ bool valid(const SeShape& s) { return s.n >= 0 && s.c > 0 && s.hw > 0; }
 int64_t matrix_rows(const SeShape& s) { return s.channels_last ? s.n * s.hw : s.n * s.c; }
 int64_t matrix_cols(const SeShape& s) { return s.channels_last ? s.c : s.hw; }
 
-// Pooling (kGrad false: out0 = pool, x = h) or the backward sums (kGrad true: out0, out1 =
-// S1, S2, x = dout), by layout.
+// Pooling (kGrad false: x = h, writes pool) or the backward reduction (kGrad true: x = dout,
+// writes terms), by layout.
 template <typename T, bool kGrad>
-cudaError_t reduce(const void* x, const void* h, ChannelParam bias, void* out0, void* out1, const SeShape& shape,
-                   cudaStream_t stream) {
+cudaError_t reduce(const void* x, const void* h, ChannelParam bias, const SeGate& gate, void* pool,
+                   const SeGradTerms& terms, const SeShape& shape, cudaStream_t stream) {
   using Acc = typename AccType<T>::type;
   constexpr int V = vec_width<T>();
   const bool aligned = pack_aligned<T, V>(x) && pack_aligned<T, V>(h);
@@ -207,19 +306,19 @@ cudaError_t reduce(const void* x, const void* h, ChannelParam bias, void* out0, 
   if (shape.channels_last) {
     const Tiles t = make_tiles<V>(rows, cols, kMaxReduceThreadsK, aligned);
     se_reduce_cols_kernel<T, kGrad><<<grid_for(shape.n * t.col_tiles), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(h), param_ptr<T>(bias), static_cast<Acc*>(out0),
-        static_cast<Acc*>(out1), t, shape.hw);
+        static_cast<const T*>(x), static_cast<const T*>(h), param_ptr<T>(bias), gate_view<T>(gate),
+        static_cast<Acc*>(pool), terms_view<Acc>(terms), t, shape.hw);
   } else {
     const Tiles t = make_tiles<V>(rows, cols, kThreads, aligned);
     se_reduce_rows_kernel<T, kGrad><<<grid_for(ceil_div(rows, t.threads_r)), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(h), param_ptr<T>(bias), static_cast<Acc*>(out0),
-        static_cast<Acc*>(out1), t, shape.c);
+        static_cast<const T*>(x), static_cast<const T*>(h), param_ptr<T>(bias), gate_view<T>(gate),
+        static_cast<Acc*>(pool), terms_view<Acc>(terms), t, shape.c);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t stream_kernel(const void* x, const void* shortcut, const void* coef, ChannelParam bias,
+cudaError_t stream_kernel(const void* x, const void* shortcut, const SeGate& gate, ChannelParam bias,
                           ChannelParam shortcut_bias, const void* extra, void* out, const SeShape& shape,
                           cudaStream_t stream) {
   using Acc = typename AccType<T>::type;
@@ -227,9 +326,19 @@ cudaError_t stream_kernel(const void* x, const void* shortcut, const void* coef,
   const bool aligned = pack_aligned<T, V>(x) && pack_aligned<T, V>(shortcut) && pack_aligned<T, V>(out);
   const Tiles t = make_tiles<V>(matrix_rows(shape), matrix_cols(shape), kThreads, aligned);
   se_stream_kernel<T><<<grid_for(t.row_tiles * t.col_tiles), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(shortcut), static_cast<const Acc*>(coef), param_ptr<T>(bias),
+      static_cast<const T*>(x), static_cast<const T*>(shortcut), gate_view<T>(gate), param_ptr<T>(bias),
       param_ptr<T>(shortcut_bias), static_cast<const Acc*>(extra), static_cast<T*>(out), t, shape.c, shape.hw,
       shape.channels_last);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t channel_sums(const SeGradTerms& terms, const void* dpool, void* dshortcut_bias, void* dbias,
+                         void* dskip_partial, void* dfc2_bias, const SeShape& shape, cudaStream_t stream) {
+  using Acc = typename AccType<T>::type;
+  se_channel_sums_kernel<Acc><<<grid_for(ceil_div(shape.c, kThreads)), kThreads, 0, stream>>>(
+      terms_view<Acc>(terms), static_cast<const Acc*>(dpool), static_cast<Acc*>(dshortcut_bias),
+      static_cast<Acc*>(dbias), static_cast<Acc*>(dskip_partial), static_cast<Acc*>(dfc2_bias), shape.n, shape.c);
   return cudaGetLastError();
 }
 
@@ -239,36 +348,41 @@ cudaError_t se_pool(DType dtype, const void* h, ChannelParam bias, void* pool, c
                     cudaStream_t stream) {
   if (!valid(shape)) return cudaErrorInvalidValue;
   if (shape.n == 0) return cudaSuccess;
+  const SeGate no_gate{nullptr, nullptr, ChannelParam{nullptr, false}, 1.0};
   return with_type(dtype, [&](auto tag) {
-    return reduce<decltype(tag), false>(h, nullptr, bias, pool, nullptr, shape, stream);
+    return reduce<decltype(tag), false>(h, nullptr, bias, no_gate, pool, SeGradTerms{}, shape, stream);
   });
 }
 
-cudaError_t se_gate_fwd(DType dtype, const void* h, const void* shortcut, const void* coef, ChannelParam bias,
+cudaError_t se_gate_fwd(DType dtype, const void* h, const void* shortcut, const SeGate& gate, ChannelParam bias,
                         ChannelParam shortcut_bias, void* out, const SeShape& shape, cudaStream_t stream) {
   if (!valid(shape)) return cudaErrorInvalidValue;
   if (shape.n == 0) return cudaSuccess;
   return with_type(dtype, [&](auto tag) {
-    return stream_kernel<decltype(tag)>(h, shortcut, coef, bias, shortcut_bias, nullptr, out, shape, stream);
+    return stream_kernel<decltype(tag)>(h, shortcut, gate, bias, shortcut_bias, nullptr, out, shape, stream);
   });
 }
 
-cudaError_t se_gate_bwd_reduce(DType dtype, const void* dout, const void* h, ChannelParam bias, void* s1, void* s2,
-                               const SeShape& shape, cudaStream_t stream) {
+cudaError_t se_gate_bwd_reduce(DType dtype, const void* dout, const void* h, ChannelParam bias, const SeGate& gate,
+                               const SeGradTerms& terms, const SeShape& shape, cudaStream_t stream) {
   if (!valid(shape)) return cudaErrorInvalidValue;
   if (shape.n == 0) return cudaSuccess;
   return with_type(dtype, [&](auto tag) {
-    return reduce<decltype(tag), true>(dout, h, bias, s1, s2, shape, stream);
+    return reduce<decltype(tag), true>(dout, h, bias, gate, nullptr, terms, shape, stream);
   });
 }
 
-cudaError_t se_gate_bwd(DType dtype, const void* dout, const void* coef, const void* dpool_over_hw, void* dh,
+cudaError_t se_gate_bwd(DType dtype, const void* dout, const SeGate& gate, const SeGradTerms& terms, const void* dpool,
+                        void* dh, void* dshortcut_bias, void* dbias, void* dskip_partial, void* dfc2_bias,
                         const SeShape& shape, cudaStream_t stream) {
   if (!valid(shape)) return cudaErrorInvalidValue;
   if (shape.n == 0) return cudaSuccess;
   return with_type(dtype, [&](auto tag) {
-    return stream_kernel<decltype(tag)>(dout, nullptr, coef, ChannelParam{nullptr, false},
-                                        ChannelParam{nullptr, false}, dpool_over_hw, dh, shape, stream);
+    using T = decltype(tag);
+    const cudaError_t err = stream_kernel<T>(dout, nullptr, gate, ChannelParam{nullptr, false},
+                                             ChannelParam{nullptr, false}, dpool, dh, shape, stream);
+    if (err != cudaSuccess) return err;
+    return channel_sums<T>(terms, dpool, dshortcut_bias, dbias, dskip_partial, dfc2_bias, shape, stream);
   });
 }
 

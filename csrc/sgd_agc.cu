@@ -10,14 +10,15 @@ namespace {
 // The gradient type G may differ from the parameter's T, which the buffer shares.
 template <typename T, typename G>
 __global__ void __launch_bounds__(kThreads) sgd_agc_kernel(T* __restrict__ param, const G* __restrict__ grad,
-                                                           T* __restrict__ buffer, const int64_t* __restrict__ table,
-                                                           SgdAgcOptions o) {
+                                                           T* __restrict__ buffer, const int64_t* __restrict__ rows,
+                                                           const int64_t* __restrict__ bases, SgdAgcOptions o) {
   using Acc = typename AccType2<T, G>::type;
-  const int64_t* entry = table + static_cast<int64_t>(blockIdx.x) * 4;
-  T* p = param + entry[0];
-  const G* g = grad + entry[1];
-  T* buf = buffer + entry[2];
-  const int64_t length = entry[3];
+  const int64_t* row = rows + static_cast<int64_t>(blockIdx.x) * 3;
+  const int64_t* base = bases + row[0] * 3;
+  T* p = param + base[0] + row[1];
+  const G* g = grad + base[1] + row[1];
+  T* buf = buffer + base[2] + row[1];
+  const int64_t length = row[2];
   Acc scale = 1;
   if (o.clip) {
     Acc w_sq = 0, g_sq = 0;
@@ -46,7 +47,8 @@ __global__ void __launch_bounds__(kThreads) sgd_agc_kernel(T* __restrict__ param
 }  // namespace
 
 cudaError_t sgd_agc(DType param_dtype, DType grad_dtype, void* param, const void* grad, void* momentum_buffer,
-                    const int64_t* table, int64_t n_rows, const SgdAgcOptions& options, cudaStream_t stream) {
+                    const int64_t* rows, const int64_t* bases, int64_t n_rows, const SgdAgcOptions& options,
+                    cudaStream_t stream) {
   if (n_rows <= 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return with_type(param_dtype, [&](auto p_tag) {
@@ -54,7 +56,7 @@ cudaError_t sgd_agc(DType param_dtype, DType grad_dtype, void* param, const void
       using T = decltype(p_tag);
       using G = decltype(g_tag);
       sgd_agc_kernel<T, G><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(
-          static_cast<T*>(param), static_cast<const G*>(grad), static_cast<T*>(momentum_buffer), table, options);
+          static_cast<T*>(param), static_cast<const G*>(grad), static_cast<T*>(momentum_buffer), rows, bases, options);
       return cudaGetLastError();
     });
   });

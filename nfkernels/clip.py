@@ -5,7 +5,8 @@ parameters into (device, dtype) groups (one fused launch each) and handles shard
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import collections
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -124,41 +125,135 @@ def local_units(op: str, name: str, weight: torch.Tensor, grad: torch.Tensor):
     return weight.to_local(), grad.to_local(), spans_ranks
 
 
-def clip_local_(weights: list[torch.Tensor], grads: list[torch.Tensor], clip_factor: float, eps: float, op: str) -> None:
-    """Clips complete units: one fused launch per (device, gradient dtype, weight dtype) group,
-    torch on the CPU path."""
+def layout_signature(tensors: Sequence[torch.Tensor | None]) -> tuple | None:
+    """What a plan's validation and tables depend on, apart from addresses: shape, strides, dtype
+    and device of each tensor (None for an absent one); None for tensors without strides (sparse),
+    which only the full validation can name."""
+    try:
+        return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    except RuntimeError:
+        return None
+
+
+class FusedLaunch:
+    """One fused launch of a plan: the positions of its tensors in the plan's lists, its kernel
+    set, and its ``UnitTable``."""
+
+    __slots__ = ("backend", "indices", "table", "clip")
+
+    def __init__(self, backend: str, indices: list[int], table: _agc.UnitTable, clip: bool = True):
+        self.backend, self.indices, self.table, self.clip = backend, indices, table, clip
+
+    def readdress(self, *operands: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+        """The first tensor of each operand (the kernel's base pointers), after pointing the table
+        at the operands' current addresses; None when they cannot share the launch any more."""
+        picked = [[tensors[i] for i in self.indices] for tensors in operands]
+        if not self.table.readdress(picked):
+            return None
+        return tuple(tensors[0] for tensors in picked)
+
+
+def fused_launches(op: str, backends: dict, groups: dict[tuple, list[int]],
+                   *operands: Sequence[torch.Tensor]) -> list[FusedLaunch]:
+    """A FusedLaunch per group of positions, keyed by (device, ...) as ``_agc.group_key`` makes
+    them (which guarantees that the tensors of a group can share base pointers)."""
+    launches = []
+    for key, indices in groups.items():
+        table = _agc.unit_table([[tensors[i] for i in indices] for tensors in operands])
+        if table is None:
+            raise RuntimeError(f"{op}: internal error: the tensors of a fused launch are not element-aligned")
+        launches.append(FusedLaunch(backends[key[0]], indices, table))
+    return launches
+
+
+class _ClipPlan:
+    """``agc_``'s validated work for one list of parameters: which run on the torch path, which in
+    which fused launch (positions in that list). Reusable while the layouts of the parameters and
+    their gradients, and the backend setting, stay; the addresses may change (new gradients after
+    ``zero_grad(set_to_none=True)``), which only readdresses the fused launches' tables."""
+
+    def __init__(self, backend_setting: str, layouts: tuple | None, torch_indices: list[int],
+                 launches: list[FusedLaunch], sharded: ShardedWholeUnits, operands: tuple[list, list]):
+        self.backend_setting = backend_setting
+        self.layouts = layouts  # None: not reusable (DTensors: their local shards are new tensors every call)
+        self.torch_indices = torch_indices
+        self.launches = launches
+        self.sharded = sharded
+        self.operands = operands  # (weights, grads) as validated, for the call that built the plan
+
+    def run(self, weights: Sequence, grads: Sequence, clip_factor: float, eps: float) -> bool:
+        """Clip; False, with nothing written, when the fused launches must be regrouped first."""
+        bases = [launch.readdress(grads, weights) for launch in self.launches]
+        if any(b is None for b in bases):
+            return False
+        if self.torch_indices:
+            _agc.agc_torch([weights[i] for i in self.torch_indices], [grads[i] for i in self.torch_indices],
+                           clip_factor, eps)
+        for launch, (g0, w0) in zip(self.launches, bases):
+            (_agc.agc_triton if launch.backend == "triton" else _agc.agc_cuda)(launch.table, g0, w0, clip_factor, eps)
+        if self.sharded.items:
+            self.sharded.clip_(clip_factor, eps)
+        return True
+
+
+def _agc_plan(op: str, sequence: Sequence, params: list[torch.Tensor], backend_setting: str,
+              layouts: tuple | None) -> _ClipPlan:
+    """Validates every parameter and gradient (raising before anything is written) and sorts
+    them into the torch path and fused launches: one per (device, gradient dtype and alignment,
+    weight dtype and alignment), on the backend that runs the op on that device."""
+    names = [name for name, _ in named_params(op, sequence)]
+    weights: list = [None] * len(params)
+    grads: list = [None] * len(params)
+    torch_indices: list[int] = []
+    groups: dict[tuple, list[int]] = {}
     backends: dict[torch.device, str] = {}
-    torch_pairs: tuple[list, list] = ([], [])
-    groups: dict[tuple, tuple[list, list]] = {}
-    writebacks = []
-    for w, g in zip(weights, grads):
+    sharded = ShardedWholeUnits()
+    for index, (name, p) in enumerate(zip(names, params)):
+        if p.grad is None:
+            continue
+        grad = check_param_and_grad(op, name, p, writes="grad")
+        w, g, spans_ranks = local_units(op, name, p.detach(), grad.detach())
+        if spans_ranks:
+            sharded.add(p.detach(), grad.detach())
+            continue
+        if not g.numel():
+            continue
         if g.device not in backends:
             backends[g.device] = _backend.resolve(op, g.device, supported=AGC_BACKENDS)
-        if backends[g.device] == "torch":
-            torch_pairs[0].append(w)
-            torch_pairs[1].append(g)
+        weights[index], grads[index] = w, g
+        if backends[g.device] == "torch" or not (_agc.has_dense_units(w) and _agc.has_dense_units(g)):
+            torch_indices.append(index)  # any layout: the plain torch math
             continue
-        w_rows = _agc.unit_rows(w)
-        if w_rows is None:  # read-only operand: a dense copy serves as well
-            w_rows = _agc.unit_rows(w.contiguous())
-        g_rows = _agc.unit_rows(g)
-        if g_rows is None:  # clip a dense copy, then copy it back
-            dense = g.contiguous()
-            writebacks.append((g, dense))
-            g_rows = _agc.unit_rows(dense)
-        # Offsets in the row table count elements of the group's first tensor of each operand, so
-        # both dtypes (and alignments) must be uniform within a group.
-        key = _agc.group_key(g_rows) + _agc.group_key(w_rows)[1:]
-        ws, gs = groups.setdefault(key, ([], []))
-        ws.append(w_rows)
-        gs.append(g_rows)
-    if torch_pairs[0]:
-        _agc.agc_torch(*torch_pairs, clip_factor, eps)
-    for (device, *_), (ws, gs) in groups.items():
-        launch = _agc.agc_triton if backends[device] == "triton" else _agc.agc_cuda
-        launch(ws, gs, clip_factor, eps)
-    for original, dense in writebacks:
-        original.copy_(dense)
+        groups.setdefault(_agc.group_key(g) + _agc.group_key(w)[1:], []).append(index)
+    launches = fused_launches(op, backends, groups, grads, weights)
+    return _ClipPlan(backend_setting, layouts if _all_local(params) else None, torch_indices, launches, sharded,
+                     (weights, grads))
+
+
+def _all_local(params: list[torch.Tensor]) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is None or not any(isinstance(p, dtensor) for p in params)
+
+
+def _tensors(op: str, parameters: object) -> tuple[list, list[torch.Tensor]]:
+    """(parameters as a re-iterable sequence, the distinct tensors in it). The common forms (a
+    tensor, a list or iterable of tensors) take no per-item Python work beyond a type check;
+    param groups go through ``named_params``."""
+    if isinstance(parameters, torch.Tensor):
+        return [parameters], [parameters]
+    if isinstance(parameters, Iterable) and not isinstance(parameters, (str, bytes, dict)):
+        sequence = parameters if isinstance(parameters, (list, tuple)) else list(parameters)
+        if all(isinstance(p, torch.Tensor) for p in sequence):
+            if len(set(map(id, sequence))) == len(sequence):
+                return sequence, list(sequence)
+    else:
+        sequence = parameters
+    return sequence, [p for _, p in named_params(op, sequence)]
+
+
+# agc_'s plans, keyed by the identities of the parameters (a model, its EMA copy, eval clones...).
+PLAN_CACHE_SIZE = 32
+_agc_plans: collections.OrderedDict[tuple[int, ...], _ClipPlan] = collections.OrderedDict()
 
 
 def check_clip_args(op: str, clip_factor: object, eps: object) -> tuple[float, float]:
@@ -195,22 +290,23 @@ def agc_(parameters, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
     """
     op = "agc_"
     clip_factor, eps = check_clip_args(op, clip_factor, eps)
-    weights, grads = [], []
-    sharded = ShardedWholeUnits()
-    for name, p in named_params(op, parameters):
-        if p.grad is None:
-            continue
-        grad = check_param_and_grad(op, name, p, writes="grad")
-        w, g, spans_ranks = local_units(op, name, p.detach(), grad.detach())
-        if spans_ranks:
-            sharded.add(p.detach(), grad.detach())
-        elif g.numel():
-            weights.append(w)
-            grads.append(g)
-    if grads:
-        clip_local_(weights, grads, clip_factor, eps, op)
-    if sharded.items:
-        sharded.clip_(clip_factor, eps)
+    sequence, params = _tensors(op, parameters)
+    backend_setting = _backend.get_backend()
+    grads = [p.grad for p in params]
+    layouts = layout_signature(params), layout_signature(grads)
+    key = tuple(map(id, params))
+    plan = _agc_plans.get(key)
+    if plan is not None and plan.layouts == layouts and plan.backend_setting == backend_setting:
+        _agc_plans.move_to_end(key)
+        if plan.run(params, grads, clip_factor, eps):
+            return
+    plan = _agc_plan(op, sequence, params, backend_setting, layouts)
+    if plan.layouts is not None:
+        _agc_plans[key] = plan
+        while len(_agc_plans) > PLAN_CACHE_SIZE:
+            _agc_plans.popitem(last=False)
+    if not plan.run(*plan.operands, clip_factor, eps):
+        raise RuntimeError(f"{op}: internal error: a fresh plan's tables do not fit its tensors")
 
 
 def agc_parameters(

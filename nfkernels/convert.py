@@ -10,7 +10,9 @@ attributes their forward uses (timm ``layers/std_conv.py``, ``layers/activations
     NormFreeBlock                         ->  nn.NFBlock     (reg=False; attn_last an SEModule or None)
 
 Parameters are carried over as the same ``nn.Parameter`` objects (an optimizer built before the
-conversion still updates the converted model). Anything that does not fit exactly is left as it
+conversion still updates the converted model). A model with WSConv2d after the conversion
+standardizes all their weights together on each call (``nn.batch_weight_standardization``: one
+launch forward, one backward, instead of one per conv each way). Anything that does not fit exactly is left as it
 is and reported with the reason; a block that cannot be fused still has its convs, activations
 and SE converted one by one (timm's block forward calls them as plain modules).
 """
@@ -26,7 +28,7 @@ import torch.nn as nn
 from nfkernels.nn.act import ScaledAct
 from nfkernels.nn.attn import SqueezeExcite
 from nfkernels.nn.block import DownsampleAvg, NFBlock
-from nfkernels.nn.conv import WSConv2d
+from nfkernels.nn.conv import WSConv2d, batch_weight_standardization
 from nfkernels.ops.scaled_act import NF_GAMMA
 
 STD_CONV_NAMES = ("ScaledStdConv2d", "ScaledStdConv2dSame")
@@ -239,7 +241,9 @@ def _convert_children(parent: nn.Module, prefix: str, report: ConversionReport) 
 def convert(model: nn.Module) -> ConversionReport:
     """Replace timm's ScaledStdConv2d(Same), GammaAct, SEModule and NormFreeBlock inside ``model``
     by nfkernels' WSConv2d, ScaledAct, SqueezeExcite and NFBlock, in place, keeping the parameter
-    objects; outputs and gradients are unchanged (up to rounding). Returns a ConversionReport whose
+    objects; outputs and gradients are unchanged (up to rounding), and every call of ``model``
+    standardizes all its conv weights in one launch (``nn.batch_weight_standardization``; timm's
+    ``grad_checkpointing`` makes training calls go conv by conv). Returns a ConversionReport whose
     ``skipped`` lists (module path, reason) for what was left alone. ``model`` itself is converted
     only through its children; pass a container to convert a bare block.
 
@@ -250,6 +254,8 @@ def convert(model: nn.Module) -> ConversionReport:
         raise TypeError(f"convert: model must be an nn.Module; got {type(model).__name__}")
     report = ConversionReport()
     _convert_children(model, "", report)
+    if any(isinstance(m, WSConv2d) for m in model.modules()):
+        batch_weight_standardization(model)
     if not report.converted:
         skipped = (f"; {len(report.skipped)} recognised timm module(s) did not fit (see the report's skipped)"
                    if report.skipped else "")

@@ -120,6 +120,14 @@ nfk::SeShape se_shape(const char* what, std::int64_t n, std::int64_t c, std::int
   return nfk::SeShape{n, c, hw, channels_last};
 }
 
+// The gate operands of the se_gate_* kernels (nfk::SeGate); skip_gain is one value in the
+// activation dtype or float32.
+nfk::SeGate se_gate(const char* what, std::uintptr_t logits, std::uintptr_t mask, std::uintptr_t skip_gain,
+                    const std::string& skip_gain_dtype, const std::string& dtype, double gain) {
+  return nfk::SeGate{ptr<const void>(logits), ptr<const void>(mask),
+                     channel_param(what, "skip_gain", skip_gain, skip_gain_dtype, dtype), gain};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -149,26 +157,28 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "agc",
-      [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t table, std::int64_t n_units,
+      [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t rows, std::uintptr_t bases, std::int64_t n_units,
          const std::string& grad_dtype, const std::string& weight_dtype, double clip_factor, double eps, int device,
          std::uintptr_t stream) {
         const char* what = "agc";
         const nfk::DType g_type = parse_dtype(what, grad_dtype), w_type = parse_dtype(what, weight_dtype);
         const DeviceGuard guard(what, device);
-        check(nfk::agc(g_type, w_type, ptr<void>(grad), ptr<const void>(weight), ptr<const std::int64_t>(table),
-                       n_units, clip_factor, eps, ptr<CUstream_st>(stream)),
+        check(nfk::agc(g_type, w_type, ptr<void>(grad), ptr<const void>(weight), ptr<const std::int64_t>(rows),
+                       ptr<const std::int64_t>(bases), n_units, clip_factor, eps, ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
-      py::arg("grad"), py::arg("weight"), py::arg("table"), py::arg("n_units"), py::arg("grad_dtype"),
-      py::arg("weight_dtype"), py::arg("clip_factor"), py::arg("eps"), py::arg("device"), py::arg("stream"),
-      "Unit-wise AGC of every row of a (n_units, 3) int64 table (grad offset, weight offset, length),\n"
-      "in place on grad, in one launch on `stream` of `device`. grad and weight dtypes may differ.");
+      py::arg("grad"), py::arg("weight"), py::arg("rows"), py::arg("bases"), py::arg("n_units"),
+      py::arg("grad_dtype"), py::arg("weight_dtype"), py::arg("clip_factor"), py::arg("eps"), py::arg("device"),
+      py::arg("stream"),
+      "Unit-wise AGC of every unit row, in place on grad, in one launch on `stream` of `device`: `rows`\n"
+      "(n_units, 3) int64 (tensor, first element in it, length), `bases` (n_tensors, 2) int64 (grad and\n"
+      "weight offsets of each tensor). grad and weight dtypes may differ.");
 
   m.def(
       "sgd_agc",
-      [](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t momentum_buffer, std::uintptr_t table,
-         std::int64_t n_rows, const std::string& param_dtype, const std::string& grad_dtype, double lr,
+      [](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t momentum_buffer, std::uintptr_t rows,
+         std::uintptr_t bases, std::int64_t n_rows, const std::string& param_dtype, const std::string& grad_dtype, double lr,
          double momentum, double weight_decay, double clip_factor, double eps, bool clip, bool has_momentum,
          bool nesterov, int device, std::uintptr_t stream) {
         const char* what = "sgd_agc";
@@ -176,17 +186,19 @@ PYBIND11_MODULE(_C, m) {
         const nfk::SgdAgcOptions options{lr, momentum, weight_decay, clip_factor, eps, clip, has_momentum, nesterov};
         const DeviceGuard guard(what, device);
         check(nfk::sgd_agc(p_type, g_type, ptr<void>(param), ptr<const void>(grad), ptr<void>(momentum_buffer),
-                           ptr<const std::int64_t>(table), n_rows, options, ptr<CUstream_st>(stream)),
+                           ptr<const std::int64_t>(rows), ptr<const std::int64_t>(bases), n_rows, options,
+                           ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
-      py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("table"), py::arg("n_rows"),
+      py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("rows"), py::arg("bases"),
+      py::arg("n_rows"),
       py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"),
       py::arg("clip_factor"), py::arg("eps"), py::arg("clip"), py::arg("has_momentum"), py::arg("nesterov"),
       py::arg("device"), py::arg("stream"),
-      "SGD (nesterov optional) with AGC over a (n_rows, 4) int64 table (param, grad, buffer offsets,\n"
-      "length), updating param and momentum_buffer (param_dtype) in one launch on `stream` of\n"
-      "`device`. grad's dtype may differ from param's.");
+      "SGD (nesterov optional) with AGC over every unit row (`rows` as for agc; `bases` (n_tensors, 3)\n"
+      "int64: param, grad and buffer offsets of each tensor), updating param and momentum_buffer\n"
+      "(param_dtype) in one launch on `stream` of `device`. grad's dtype may differ from param's.");
 
   m.def(
       "weight_standardize_fwd",
@@ -309,62 +321,84 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "se_gate_fwd",
-      [](std::uintptr_t h, std::uintptr_t shortcut, std::uintptr_t coef, std::uintptr_t bias,
+      [](std::uintptr_t h, std::uintptr_t shortcut, std::uintptr_t logits, std::uintptr_t mask,
+         std::uintptr_t skip_gain, const std::string& skip_gain_dtype, double gain, std::uintptr_t bias,
          std::uintptr_t shortcut_bias, std::uintptr_t out, std::int64_t n, std::int64_t c, std::int64_t hw,
          bool channels_last, const std::string& dtype, const std::string& bias_dtype,
          const std::string& shortcut_bias_dtype, int device, std::uintptr_t stream) {
         const char* what = "se_gate_fwd";
         const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
         const nfk::DType type = parse_dtype(what, dtype);
+        const nfk::SeGate gate = se_gate(what, logits, mask, skip_gain, skip_gain_dtype, dtype, gain);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
         const nfk::ChannelParam sb = channel_param(what, "shortcut_bias", shortcut_bias, shortcut_bias_dtype, dtype);
         const DeviceGuard guard(what, device);
-        check(nfk::se_gate_fwd(type, ptr<const void>(h), ptr<const void>(shortcut), ptr<const void>(coef), b, sb,
-                               ptr<void>(out), shape, ptr<CUstream_st>(stream)),
+        check(nfk::se_gate_fwd(type, ptr<const void>(h), ptr<const void>(shortcut), gate, b, sb, ptr<void>(out), shape,
+                               ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
-      py::arg("h"), py::arg("shortcut"), py::arg("coef"), py::arg("bias"), py::arg("shortcut_bias"), py::arg("out"),
+      py::arg("h"), py::arg("shortcut"), py::arg("logits"), py::arg("mask"), py::arg("skip_gain"),
+      py::arg("skip_gain_dtype"), py::arg("gain"), py::arg("bias"), py::arg("shortcut_bias"), py::arg("out"),
       py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"),
       py::arg("shortcut_bias_dtype"), py::arg("device"), py::arg("stream"),
-      "out = shortcut + sb_c + coef[n, c]*(h + b_c); shortcut and the biases may be 0, coef is (n, c) in\n"
-      "the accumulation dtype; h, shortcut and out share one dense layout.");
+      "out = shortcut + sb_c + coef[n, c]*(h + b_c), coef = k*gain*m[n]*sigmoid(logits[n, c]) formed in the\n"
+      "kernel; logits (n, c) and mask (n) in the accumulation dtype, skip_gain k one value; shortcut, logits\n"
+      "(no SE: no sigmoid), mask, skip_gain and the biases may be 0. h, shortcut and out share one dense layout.");
 
   m.def(
       "se_gate_bwd_reduce",
-      [](std::uintptr_t dout, std::uintptr_t h, std::uintptr_t bias, std::uintptr_t s1, std::uintptr_t s2,
-         std::int64_t n, std::int64_t c, std::int64_t hw, bool channels_last, const std::string& dtype,
-         const std::string& bias_dtype, int device, std::uintptr_t stream) {
+      [](std::uintptr_t dout, std::uintptr_t h, std::uintptr_t bias, std::uintptr_t logits, std::uintptr_t mask,
+         std::uintptr_t skip_gain, const std::string& skip_gain_dtype, double gain, std::uintptr_t s1,
+         std::uintptr_t coef_s1, std::uintptr_t s2_u, std::uintptr_t dz, std::int64_t n, std::int64_t c,
+         std::int64_t hw, bool channels_last, const std::string& dtype, const std::string& bias_dtype, int device,
+         std::uintptr_t stream) {
         const char* what = "se_gate_bwd_reduce";
         const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
         const nfk::DType type = parse_dtype(what, dtype);
+        const nfk::SeGate gate = se_gate(what, logits, mask, skip_gain, skip_gain_dtype, dtype, gain);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
+        const nfk::SeGradTerms terms{ptr<void>(s1), ptr<void>(coef_s1), ptr<void>(s2_u), ptr<void>(dz)};
         const DeviceGuard guard(what, device);
-        check(nfk::se_gate_bwd_reduce(type, ptr<const void>(dout), ptr<const void>(h), b, ptr<void>(s1), ptr<void>(s2),
-                                      shape, ptr<CUstream_st>(stream)),
+        check(nfk::se_gate_bwd_reduce(type, ptr<const void>(dout), ptr<const void>(h), b, gate, terms, shape,
+                                      ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
-      py::arg("dout"), py::arg("h"), py::arg("bias"), py::arg("s1"), py::arg("s2"), py::arg("n"), py::arg("c"),
-      py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("device"),
-      py::arg("stream"),
-      "s1[n, c] = sum over hw of dout, s2[n, c] = sum over hw of dout*(h + b_c), in the accumulation dtype.");
+      py::arg("dout"), py::arg("h"), py::arg("bias"), py::arg("logits"), py::arg("mask"), py::arg("skip_gain"),
+      py::arg("skip_gain_dtype"), py::arg("gain"), py::arg("s1"), py::arg("coef_s1"), py::arg("s2_u"), py::arg("dz"),
+      py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"),
+      py::arg("device"), py::arg("stream"),
+      "With S1 = sum over hw of dout and S2 = sum over hw of dout*(h + b_c): s1 = S1, coef_s1 = coef*S1,\n"
+      "s2_u = S2*coef/k and (with SE, else dz is 0) dz = S2*k*gain*m[n]*sigmoid(z)*sigmoid(-z), each (n, c)\n"
+      "in the accumulation dtype; the gate arguments as in se_gate_fwd.");
 
   m.def(
       "se_gate_bwd",
-      [](std::uintptr_t dout, std::uintptr_t coef, std::uintptr_t dpool_over_hw, std::uintptr_t dh, std::int64_t n,
-         std::int64_t c, std::int64_t hw, bool channels_last, const std::string& dtype, int device,
+      [](std::uintptr_t dout, std::uintptr_t logits, std::uintptr_t mask, std::uintptr_t skip_gain,
+         const std::string& skip_gain_dtype, double gain, std::uintptr_t s1, std::uintptr_t coef_s1,
+         std::uintptr_t s2_u, std::uintptr_t dz, std::uintptr_t dpool, std::uintptr_t dh,
+         std::uintptr_t dshortcut_bias, std::uintptr_t dbias, std::uintptr_t dskip_partial, std::uintptr_t dfc2_bias,
+         std::int64_t n, std::int64_t c, std::int64_t hw, bool channels_last, const std::string& dtype, int device,
          std::uintptr_t stream) {
         const char* what = "se_gate_bwd";
         const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
         const nfk::DType type = parse_dtype(what, dtype);
+        const nfk::SeGate gate = se_gate(what, logits, mask, skip_gain, skip_gain_dtype, dtype, gain);
+        const nfk::SeGradTerms terms{ptr<void>(s1), ptr<void>(coef_s1), ptr<void>(s2_u), ptr<void>(dz)};
         const DeviceGuard guard(what, device);
-        check(nfk::se_gate_bwd(type, ptr<const void>(dout), ptr<const void>(coef), ptr<const void>(dpool_over_hw),
-                               ptr<void>(dh), shape, ptr<CUstream_st>(stream)),
+        check(nfk::se_gate_bwd(type, ptr<const void>(dout), gate, terms, ptr<const void>(dpool), ptr<void>(dh),
+                               ptr<void>(dshortcut_bias), ptr<void>(dbias), ptr<void>(dskip_partial),
+                               ptr<void>(dfc2_bias), shape, ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
-      py::arg("dout"), py::arg("coef"), py::arg("dpool_over_hw"), py::arg("dh"), py::arg("n"), py::arg("c"),
-      py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      "dh = dout*coef[n, c] + dpool_over_hw[n, c] (the latter may be 0: no SE), in dout's layout and dtype.");
+      py::arg("dout"), py::arg("logits"), py::arg("mask"), py::arg("skip_gain"), py::arg("skip_gain_dtype"),
+      py::arg("gain"), py::arg("s1"), py::arg("coef_s1"), py::arg("s2_u"), py::arg("dz"), py::arg("dpool"),
+      py::arg("dh"), py::arg("dshortcut_bias"), py::arg("dbias"), py::arg("dskip_partial"), py::arg("dfc2_bias"),
+      py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"),
+      "dh = dout*coef[n, c] + dpool[n, c]/hw in dout's layout and dtype, and per channel, summed over n in\n"
+      "the accumulation dtype: dshortcut_bias = s1, dbias = coef_s1 + dpool, dskip_partial = s2_u and\n"
+      "dfc2_bias = dz; without SE dz, dpool and dfc2_bias are 0. Terms as se_gate_bwd_reduce writes them.");
 }

@@ -137,17 +137,50 @@ def test_agc_long_rows_and_one_launch_per_group(backend, monkeypatch, count_laun
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
-def test_row_table_cached_while_tensors_stay(backend):
+def test_plan_and_tables_kept_while_layouts_stay(backend):
+    """A second call on the same tensors reuses the plan and both tables; a gradient at a new
+    address (zero_grad(set_to_none=True) gives one every step) only rebuilds the small table of
+    addresses, and the clip is still exact; a parameter list of other shapes gets its own plan."""
+    from nfkernels import clip as clip_module
+
     params = random_params(torch.float32, seed=5)[:3]
     with nfk.use_backend(backend):
         nfk.agc_(params)
-        size = len(agc_ops._table_cache)
-        tables = list(agc_ops._table_cache.values())
+        plan = clip_module._agc_plans[tuple(map(id, params))]
+        (launch,) = plan.launches
+        rows, bases = launch.table.rows, launch.table.bases
         nfk.agc_(params)
-        assert len(agc_ops._table_cache) == size and list(agc_ops._table_cache.values())[-1] is tables[-1]
-        params[0].grad = params[0].grad.clone()  # new storage: a new table
+        assert clip_module._agc_plans[tuple(map(id, params))] is plan
+        assert launch.table.rows is rows and launch.table.bases is bases
+        fresh = params[0].grad.clone() * 50  # new storage, clipped
+        params[0].grad = fresh.clone()
         nfk.agc_(params)
-        assert list(agc_ops._table_cache.values())[-1] is not tables[-1]
+        assert clip_module._agc_plans[tuple(map(id, params))] is plan
+        assert launch.table.rows is rows and launch.table.bases is not bases
+        assert_close(params[0].grad, timm_adaptive_clip_grad([fresh], [params[0]])[0], 2e-6)
+        others = random_params(torch.float32, seed=6)[3:6]
+        nfk.agc_(others)
+        assert clip_module._agc_plans[tuple(map(id, others))] is not plan
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_gradients_set_to_none_each_step_build_no_new_rows(backend, monkeypatch):
+    """torch's default zero_grad(set_to_none=True): every step's gradients are new tensors. The
+    row table is built once; each step is still exact."""
+    built = []
+    real = agc_ops.unit_table
+    monkeypatch.setattr(agc_ops, "unit_table", lambda operands: built.append(1) or real(operands))
+    params = [p for p in random_params(torch.float32, seed=7) if p.grad is not None]
+    with nfk.use_backend(backend):
+        for step in range(3):
+            for p in params:  # a new gradient laid out like the old one, as autograd makes it
+                g = p.grad
+                p.grad = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=g.device).copy_(g * (1 + step))
+            before = [p.grad.clone() for p in params]
+            nfk.agc_(params)
+            for p, ref in zip(params, timm_adaptive_clip_grad(before, params)):
+                assert_close(p.grad, ref, 2e-6, f"step {step}, {tuple(p.shape)}")
+    assert len(built) == 1
 
 
 def _tree_module(named: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -306,18 +339,17 @@ def test_default_arguments_are_the_papers():
     assert sig.parameters["clip_factor"].default == 0.01 and math.isclose(sig.parameters["eps"].default, 1e-3)
 
 
-def test_row_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
-    """An evicted table would be freed memory for a CUDA graph that still reads it."""
-    monkeypatch.setattr(agc_ops, "_table_cache", type(agc_ops._table_cache)())
-    monkeypatch.setattr(agc_ops, "TABLE_CACHE_SIZE", 2)
+def test_tables_read_by_a_captured_graph_are_never_freed():
+    """A CUDA graph holds the raw addresses of the tables it read: readdressing a captured table
+    must keep the old addresses table alive (the new one is not captured)."""
     keep = [torch.randn(3, 4)]
-    pinned = agc_ops.row_table([keep])
-    pinned.captured = True  # as row_table marks it when used during capture
-    others = [[torch.randn(2, 5)] for _ in range(4)]
-    for rows in others:
-        agc_ops.row_table([rows])
-    assert agc_ops.row_table([keep]) is pinned
-    assert len(agc_ops._table_cache) == 2  # the pinned table plus the newest
+    table = agc_ops.unit_table([keep])
+    table.captured = True  # as use() marks it during capture
+    agc_ops._CAPTURED.extend((table.rows, table.bases))
+    captured_bases = table.bases
+    assert table.readdress([[torch.randn(3, 4)]])
+    assert table.bases is not captured_bases and not table.captured
+    assert any(t is captured_bases for t in agc_ops._CAPTURED)
 
 
 def _param_with_grad(shape, w_dtype, g_dtype, gen, w_scale=0.5, g_scale=0.02):
@@ -384,28 +416,30 @@ def test_agc_rejects_overlapping_gradient_before_writing(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_evicted_row_table_outlives_a_launch_on_another_stream(backend, monkeypatch):
-    """A row table built on one stream, read by a launch queued late on a side stream, then
-    evicted: its memory must not be handed out (and overwritten) before that launch has read it
-    (issue 10, defect 5: evicted tables were freed without record_stream)."""
+    """A plan's tables built on one stream, read by a launch queued late on a side stream, then
+    evicted with the plan: their memory must not be handed out (and overwritten) before that
+    launch has read it (issue 10, defect 5: evicted tables were freed without record_stream)."""
     if backend not in BACKENDS:
         pytest.skip("nfkernels._C not built")
-    monkeypatch.setattr(agc_ops, "_table_cache", type(agc_ops._table_cache)())
-    monkeypatch.setattr(agc_ops, "TABLE_CACHE_SIZE", 1)
+    from nfkernels import clip as clip_module
+
+    monkeypatch.setattr(clip_module, "_agc_plans", type(clip_module._agc_plans)())
+    monkeypatch.setattr(clip_module, "PLAN_CACHE_SIZE", 1)
     gen = torch.Generator().manual_seed(13)
     params = [_param_with_grad((4096, 8), torch.float32, torch.float32, gen, g_scale=1.0)]
     others = [_param_with_grad((4096, 8), torch.float32, torch.float32, gen, g_scale=1.0)]
     before = params[0].grad.clone()
     with nfk.use_backend(backend):
-        nfk.agc_(params)  # builds table A on the default stream
+        nfk.agc_(params)  # builds tables A on the default stream
         params[0].grad.copy_(before)
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             torch.cuda._sleep(500_000_000)  # the clip below runs long after the host moves on
-            nfk.agc_(params)  # reads table A on the side stream
-        nfk.agc_(others)  # builds table B and evicts A on the default stream
-        # Table A's size (4096 rows of 3 int64): the allocator would hand out its block, were it free.
+            nfk.agc_(params)  # reads tables A on the side stream
+        nfk.agc_(others)  # builds tables B and evicts A (its plan) on the default stream
+        # Table A's rows (4096 of 3 int64): the allocator would hand out its block, were it free.
         reused = torch.zeros(4096 * 3, dtype=torch.int64, device=DEVICE)
         torch.cuda.synchronize()
     del reused

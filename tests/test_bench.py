@@ -14,7 +14,7 @@ from bench import common, train_step
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The result names of one --quick run (on a CPU or a GPU alike).
-STEMS = ("weight_standardize", "scaled_act_nchw", "se_gate_nchw", "agc_quick", "train_step_tiny_nchw")
+STEMS = ("weight_standardize", "scaled_act_nchw", "se_gate_nchw", "agc_quick", "train_step_tiny_nchw", "step_profile")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,23 @@ def test_main_job_runs_and_writes_results(quick_run):
     step = json.loads(result(results, "train_step_tiny_nchw", ".json").read_text())
     losses = {row["provider"]: row["loss_step0"] for row in step["rows"]}
     assert losses["nfkernels"] == pytest.approx(losses["reference"], rel=1e-5)  # same weights, same batch
+
+
+def test_step_profile_counts_every_phase_of_every_provider(quick_run):
+    """The host-cost profile (issue 12): device ops per phase for the reference and nfkernels,
+    host times for nfkernels (its kernel launches are no-ops on a CPU), each optimizer alone."""
+    results, _ = quick_run
+    data = json.loads(result(results, "step_profile", ".json").read_text())
+    rows = {(row["provider"], row["phase"]): row for row in data["rows"]}
+    for provider in ("reference", "nfkernels", "nfkernels, grads kept"):
+        phases = [rows[(provider, phase)]["device_ops"] for phase in ("forward", "backward", "optimizer")]
+        assert all(n > 0 for n in phases) and sum(phases) == rows[(provider, "step")]["device_ops"]
+    assert rows[("nfkernels", "step")]["device_ops"] < rows[("reference", "step")]["device_ops"]
+    assert rows[("nfkernels", "step")]["ms"] > 0
+    for name in ("nfkernels SGD_AGC.step()", "nfkernels agc_", "nfkernels agc_, new grads"):
+        assert rows[(name, "alone")]["ms"] > 0
+    md = result(results, "step_profile", ".md").read_text()
+    assert "## Device ops by op" in md and "`nfkernels kernel _sgd_agc_kernel`" in md
 
 
 def test_every_benchmark_writes_a_png_chart(quick_run):
@@ -80,7 +97,7 @@ def test_tables_and_printed_numbers_are_rounded(quick_run):
         assert rows, stem
         for row in rows:
             for column, cell in row.items():
-                if column.startswith("ms"):
+                if column.startswith("ms") and cell:  # empty: not measured (step_profile's CPU reference)
                     assert re.fullmatch(r"\d+(\.\d+)?", cell) and significant_digits(cell) <= 3, (stem, column, cell)
                 elif column in CELL_FORMATS:
                     assert re.fullmatch(CELL_FORMATS[column], cell), (stem, column, cell)

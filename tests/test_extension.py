@@ -51,9 +51,9 @@ def test_links_neither_libtorch_nor_shared_cudart():
 def test_call_without_device_raises_clear_error():
     assert _C.device_count() == 0
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _C.agc(0, 0, 0, 1, "float32", "float32", 0.01, 1e-3, 0, 0)
+        _C.agc(0, 0, 0, 0, 1, "float32", "float32", 0.01, 1e-3, 0, 0)
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _C.sgd_agc(0, 0, 0, 0, 1, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0)
+        _C.sgd_agc(0, 0, 0, 0, 0, 1, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0)
     p = torch.nn.Parameter(torch.randn(3, 2))
     p.grad = torch.randn(3, 2)
     with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"), nfk.use_backend("cuda"):
@@ -67,9 +67,9 @@ CALLS = {
     "scaled_act_fwd": (0, 0, 0, 6, 49, 3, True, "float16", "float32", "gelu_tanh", 1.7, 0, 0),
     "scaled_act_bwd": (0, 0, 0, 0, 0, 0, 6, 49, 3, True, "float16", "", "celu", 1.3, 0, 0),
     "se_pool": (0, 0, 0, 2, 8, 49, True, "bfloat16", "", 0, 0),
-    "se_gate_fwd": (0, 0, 0, 0, 0, 0, 2, 8, 49, False, "float64", "float64", "", 0, 0),
-    "se_gate_bwd_reduce": (0, 0, 0, 0, 0, 2, 8, 49, False, "float32", "float32", 0, 0),
-    "se_gate_bwd": (0, 0, 0, 0, 2, 8, 49, True, "float32", 0, 0),
+    "se_gate_fwd": (0, 0, 0, 0, 0, "", 0.4, 0, 0, 0, 2, 8, 49, False, "float64", "float64", "", 0, 0),
+    "se_gate_bwd_reduce": (0, 0, 0, 0, 0, 0, "", 0.4, 0, 0, 0, 0, 2, 8, 49, False, "float32", "float32", 0, 0),
+    "se_gate_bwd": (0, 0, 0, 0, "", 0.4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 8, 49, True, "float32", 0, 0),
 }
 
 
@@ -103,7 +103,7 @@ def test_cuda_backend_on_cpu_tensors_is_refused(op):
 @pytest.mark.gpu
 def test_bad_dtype_name_is_a_type_error():
     with pytest.raises(TypeError, match="dtype"):
-        _C.agc(0, 0, 0, 1, "int8", "float32", 0.01, 1e-3, 0, 0)
+        _C.agc(0, 0, 0, 0, 1, "int8", "float32", 0.01, 1e-3, 0, 0)
 
 
 def _metadata(tensors):
@@ -209,11 +209,12 @@ EXPORT int fake_gil_held_at_launch() { return gil_held_at_launch; }
 EXPORT int fake_launch_device() { return launch_device; }
 
 namespace nfk {
-cudaError_t agc(DType, DType, void*, const void*, const int64_t*, int64_t, double, double, cudaStream_t) {
+cudaError_t agc(DType, DType, void*, const void*, const int64_t*, const int64_t*, int64_t, double, double,
+                cudaStream_t) {
   return launch();
 }
-cudaError_t sgd_agc(DType, DType, void*, const void*, void*, const int64_t*, int64_t, const SgdAgcOptions&,
-                    cudaStream_t) {
+cudaError_t sgd_agc(DType, DType, void*, const void*, void*, const int64_t*, const int64_t*, int64_t,
+                    const SgdAgcOptions&, cudaStream_t) {
   return launch();
 }
 cudaError_t weight_standardize_fwd(DType, DType, const void*, const void*, void*, void*, void*, void*, int64_t,
@@ -226,13 +227,12 @@ int64_t scaled_act_bwd_workspace(DType, const MatrixView& view) { return view.ro
 cudaError_t scaled_act_bwd(DType, Activation, const void*, const void*, ChannelParam, void*, void*, void*,
                            const MatrixView&, double, cudaStream_t) { return launch(); }
 cudaError_t se_pool(DType, const void*, ChannelParam, void*, const SeShape&, cudaStream_t) { return launch(); }
-cudaError_t se_gate_fwd(DType, const void*, const void*, const void*, ChannelParam, ChannelParam, void*,
+cudaError_t se_gate_fwd(DType, const void*, const void*, const SeGate&, ChannelParam, ChannelParam, void*,
                         const SeShape&, cudaStream_t) { return launch(); }
-cudaError_t se_gate_bwd_reduce(DType, const void*, const void*, ChannelParam, void*, void*, const SeShape&,
-                               cudaStream_t) { return launch(); }
-cudaError_t se_gate_bwd(DType, const void*, const void*, const void*, void*, const SeShape&, cudaStream_t) {
-  return launch();
-}
+cudaError_t se_gate_bwd_reduce(DType, const void*, const void*, ChannelParam, const SeGate&, const SeGradTerms&,
+                               const SeShape&, cudaStream_t) { return launch(); }
+cudaError_t se_gate_bwd(DType, const void*, const SeGate&, const SeGradTerms&, const void*, void*, void*, void*, void*,
+                        void*, const SeShape&, cudaStream_t) { return launch(); }
 }  // namespace nfk
 """
 
@@ -278,8 +278,8 @@ def fake_bindings(tmp_path_factory):
 
 LAUNCHES = {
     **CALLS,
-    "agc": (0, 0, 0, 1, "bfloat16", "float32", 0.01, 1e-3, 0, 0),
-    "sgd_agc": (0, 0, 0, 0, 1, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0),
+    "agc": (0, 0, 0, 0, 1, "bfloat16", "float32", 0.01, 1e-3, 0, 0),
+    "sgd_agc": (0, 0, 0, 0, 0, 1, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0),
 }
 
 

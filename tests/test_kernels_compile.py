@@ -253,6 +253,30 @@ def weight_standardize_scenarios(device):
                _ws_case(device, (8, 3, 3, 3), torch.float32, False, True, "timm", out_dtype))
 
 
+def weight_standardize_batched_scenarios(device):
+    """The batched kernels (one launch for many weights: mixed fan-ins, gains, eps modes; a row
+    longer than MAX_BLOCK streamed), per dtype and for fp32 weights written in bf16/fp16."""
+    from nfkernels.ops.weight_standardize import weight_standardize_batched
+
+    shapes = [(8, 3, 3, 3), (4, 1, 1, 1), (16, 64), (2, 4100)]
+
+    def case(dtype, out_dtype):
+        def run():
+            weights = [_randn(shape, dtype, device, requires_grad=True) for shape in shapes]
+            gains = [_randn((s[0],) + (1,) * (len(s) - 1), dtype, device, requires_grad=True) if i % 2 else None
+                     for i, s in enumerate(shapes)]
+            outs = weight_standardize_batched(weights, gains, [1.7] * 4, [1e-5, 1e-4, 1e-5, 1e-4],
+                                              [False, True, False, True], out_dtype)
+            torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+
+        return run
+
+    for dtype in FLOAT_DTYPES:
+        yield f"weight_standardize_batched {_dtype_name(dtype)}", case(dtype, None)
+    for out_dtype in (torch.bfloat16, torch.float16):
+        yield f"weight_standardize_batched float32 -> {_dtype_name(out_dtype)}", case(torch.float32, out_dtype)
+
+
 def _ws_case(device, shape, dtype, channels_last, with_gain, mode, out_dtype):
     def run():
         w = _randn(shape, dtype, device, channels_last, requires_grad=True)
@@ -466,7 +490,7 @@ def _sgd_case(device, dtype, specs, momentum, nesterov, wd, clip, grad_dtype=Non
     return run
 
 
-SCENARIOS = (weight_standardize_scenarios, scaled_act_scenarios, se_gate_scenarios, agc_scenarios,
+SCENARIOS = (weight_standardize_scenarios, weight_standardize_batched_scenarios, scaled_act_scenarios, se_gate_scenarios, agc_scenarios,
              sgd_agc_scenarios)
 
 

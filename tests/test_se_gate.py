@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nfkernels as nfk
-from nfkernels.ops import se_gate as se_op
+from nfkernels.ops import _utils as op_utils, se_gate as se_op
 from nfk_testing import DEVICE, assert_close, backends_for, rel_err, tolerance
 
 BACKENDS = backends_for(("torch", "triton", "cuda"))
@@ -24,6 +25,11 @@ CASES = {
     "se_1x1_spatial_cl": ((1, 8, 1, 1), 3, ALL, True, True),
     "no_se_all": ((2, 3, 5, 7), None, ALL, False, False),
     "no_se_bare_cl": ((3, 16, 7, 9), None, NONE, True, False),
+    # The kernels form coef from the logits, mask and skip_gain: each present without the other.
+    "se_mask_only": ((3, 5, 4, 3), 2, {**NONE, "mask": True, "fc1_bias": True}, False, False),
+    "se_skip_only_cl": ((3, 5, 4, 3), 2, {**NONE, "skip_gain": True, "bias": True}, True, True),
+    "no_se_mask_only_cl": ((3, 5, 4, 3), None, {**NONE, "mask": True, "shortcut_bias": True}, True, False),
+    "no_se_skip_only": ((3, 5, 4, 3), None, {**NONE, "skip_gain": True}, False, False),
 }
 
 
@@ -199,6 +205,18 @@ def test_tiles_smaller_than_the_tensor(monkeypatch, channels_last, rd):
     assert_all_close(got, reference_and_grad(t, dout), 1e-6)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("rd", [2, None])
+def test_channel_sums_loop_over_samples(monkeypatch, rd):
+    """The per-channel sums over samples in several sample blocks, the last one partial."""
+    monkeypatch.setattr(se_op, "REDUCE_TILE", 4)
+    monkeypatch.setattr(se_op, "MAX_BLOCK_C", 2)
+    t, dout = make_inputs((5, 3, 2, 3), rd, ALL, torch.float64, seed=12)
+    t["mask"] = torch.tensor([1.25, 0.0, 1.25, 1.25, 0.5], dtype=torch.float32, device=DEVICE)
+    got = run_and_grad(t, dout, "triton")
+    assert_all_close(got, reference_and_grad(t, dout), 1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_skip_gain_still_gets_its_gradient(backend):
     """SkipInit starts at 0: the gradient of the gain must not come from dividing by it."""
@@ -268,14 +286,110 @@ def test_empty_spatial(backend, shape, rd, channels_last):
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
 @pytest.mark.parametrize("rd", [3, None])
 def test_triton_kernels_are_what_runs(count_launches, rd):
-    names = ("_se_pool_fwd_kernel", "_se_gate_fwd_kernel", "_se_gate_bwd_reduce_kernel", "_se_gate_bwd_kernel")
+    names = ("_se_pool_fwd_kernel", "_se_gate_fwd_kernel", "_se_gate_bwd_reduce_kernel", "_se_gate_bwd_kernel",
+             "_se_gate_bwd_sums_kernel")
     counters = [count_launches(se_op, name) for name in names]
     t, dout = make_inputs((2, 6, 3, 3), rd, ALL, torch.float32, seed=31)
     run_and_grad(t, dout, "triton")
-    expected = [1 if rd is not None else 0, 1, 1, 1]  # no SE, nothing to pool
+    expected = [1 if rd is not None else 0, 1, 1, 1, 1]  # no SE, nothing to pool
     assert [c.count for c in counters] == expected
     run_and_grad(t, dout, "torch")
     assert [c.count for c in counters] == expected
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Records what would launch a device kernel: every aten op but views (unless they copied)
+    and allocations, and every Triton launch (through ``se_op.launch``; the interpreter's own
+    tensor bookkeeping during a launch is not counted). The registered ops run their bodies
+    under the counter, so the ops inside them count, not the registered op itself."""
+
+    ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                   torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default}
+    BODIES = {"se_gate_residual_fwd": se_op._se_gate_residual_fwd, "se_gate_residual_bwd": se_op._se_gate_residual_bwd}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.launches = []
+        self._in_kernel = False
+        launch = se_op.launch
+
+        def counted(kernel, grid, *args, **meta):
+            self.launches.append(kernel.__name__)
+            self._in_kernel = True
+            try:
+                launch(kernel, grid, *args, **meta)
+            finally:
+                self._in_kernel = False
+
+        monkeypatch.setattr(se_op, "launch", counted)
+        # Poisoning fills every output with NaN: a launch of the tests' own making.
+        monkeypatch.setattr(op_utils, "POISON_OUTPUTS", False)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "nfkernels":
+            with self:
+                return self.BODIES[func._opname](*args, **kwargs)
+        out = func(*args, **kwargs)
+        # Inside the ops, composite ops that may alias (to, reshape, contiguous) arrive undecomposed:
+        # they launch when they copy.
+        copied = func.is_view and out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()
+        if not self._in_kernel and func not in self.ALLOCATIONS and (copied or not func.is_view):
+            self.launches.append(str(func))
+        return out
+
+    def take(self):
+        launches, self.launches = self.launches, []
+        return launches
+
+
+# (SE, every optional argument) -> the most launches of the forward, of the backward (fp32): the
+# SE MLP's matmuls, relu and its backward and the reductions that make its gradients, around the
+# pooling, gate, backward reduction, backward streaming and per-channel sums kernels.
+MAX_LAUNCHES = {(True, True): (5, 10), (True, False): (5, 9), (False, True): (1, 4), (False, False): (1, 3)}
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("se, full", list(MAX_LAUNCHES), ids=str)
+def test_launches_per_block(monkeypatch, se, full):
+    """One SE block's forward and backward in a few launches: the gate's scalars are formed
+    inside the kernels, and nothing is zero-filled for the gradients of pool, hidden and logits,
+    which nobody asks for (materialize_grads off)."""
+    t, dout = make_inputs((2, 6, 3, 3), 3 if se else None, ALL if full else NONE, torch.float32, seed=43)
+    if not full:
+        t["shortcut"] = None
+    t = leaves(t)
+    inputs = [t[k] for k in DIFFERENTIABLE if t.get(k) is not None]
+    counter = LaunchCounter(monkeypatch)
+    with nfk.use_backend("triton"), counter:
+        out = call(nfk.se_gate_residual, t)
+        forward = counter.take()
+        got = torch.autograd.grad(out, inputs, dout)
+        backward = counter.take()
+    max_forward, max_backward = MAX_LAUNCHES[se, full]
+    assert len(forward) <= max_forward, forward
+    assert len(backward) <= max_backward, backward
+    assert not any("zero" in op or "fill" in op for op in backward), backward
+    _, want = reference_and_grad(t, dout)
+    for k, g in zip([k for k in DIFFERENTIABLE if t.get(k) is not None], got):
+        assert_close(g, want[k], tolerance(torch.float32, "triton"), f"d{k}")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+def test_backward_skips_what_nobody_asked_for(monkeypatch):
+    """Only the shortcut wants a gradient: it is dout itself, and nothing launches. Without a
+    gradient of out (materialize_grads off gives None) no gradient flows at all."""
+    t, dout = make_inputs((2, 6, 3, 3), 3, ALL, torch.float32, seed=47)
+    t = leaves(t, requires=("shortcut",))
+    counter = LaunchCounter(monkeypatch)
+    with nfk.use_backend("triton"), counter:
+        out = call(nfk.se_gate_residual, t)
+        counter.take()
+        (dshortcut,) = torch.autograd.grad(out, [t["shortcut"]], dout)
+        assert counter.take() == []
+    assert torch.equal(dshortcut, dout)
+    backward = se_op._backward_through(se_op.se_gate_residual_bwd)
+    assert backward(None, None, None, None, None) == (None,) * 12
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -333,3 +333,76 @@ def test_expanded_gradient_is_read_and_expanded_param_rejected(backend):
     with nfk.use_backend(backend), pytest.raises(ValueError, match=r"\['params'\]\[1\] has elements that share memory"):
         opt.step()
     assert torch.equal(fine.detach(), before)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["new-grads", "grads-in-place"])
+def test_plan_built_once_and_steps_exact(backend, set_to_none, monkeypatch):
+    """The step's plan and row tables are built on the first step only, whether the gradients stay
+    in place (zero_grad(set_to_none=False)) or are new tensors every step (torch's default); with
+    gradients in place not even the table of addresses is rebuilt. Every step stays exact."""
+    from nfkernels.ops import agc as agc_ops
+
+    built = []
+    real = agc_ops.unit_table
+    monkeypatch.setattr(agc_ops, "unit_table", lambda operands: built.append(1) or real(operands))
+    params = make_params(torch.float64, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    grads_per_step = [random_grads(params, gen) for _ in range(4)]
+    expected = reference_run(params, PAPER_GROUPS, grads_per_step, lr=0.1, momentum=0.9, nesterov=True)
+    opt = SGD_AGC([{**opts, "params": [params[i] for i in idx]} for idx, opts in PAPER_GROUPS],
+                  lr=0.1, momentum=0.9, nesterov=True)
+    bases = None
+    with nfk.use_backend(backend):
+        for step, grads in enumerate(grads_per_step):
+            for p, g in zip(params, grads):
+                if set_to_none or p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            opt.step()
+            now = [launch.table.bases for plan in opt._plans.values() for launch in plan.launches]
+            if step > 0 and not set_to_none:
+                assert all(a is b for a, b in zip(now, bases))
+            bases = now
+    assert len(built) == len(PAPER_GROUPS)
+    for p, ref in zip(params, expected):
+        assert_close(p, ref, 1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_options_changed_between_steps(backend):
+    """Momentum switched off and clipping toggled after the first step (a new plan), lr edited
+    by a scheduler (read every step): the steps still match torch.optim.SGD with timm's AGC."""
+    params = make_params(torch.float64, seed=23)[:3]
+    gen = torch.Generator().manual_seed(24)
+    grads = [random_grads(params, gen) for _ in range(3)]
+    opt = SGD_AGC(params, lr=0.1, momentum=0.9, nesterov=False)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref_opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9)
+    settings = [dict(), dict(lr=0.05, clipping=False), dict(lr=0.02, momentum=0.0, clipping=True)]
+    with nfk.use_backend(backend):
+        for step, (step_grads, change) in enumerate(zip(grads, settings)):
+            opt.param_groups[0].update(change)
+            for key in ("lr", "momentum"):
+                if key in change:
+                    ref_opt.param_groups[0][key] = change[key]
+            for p, r, g in zip(params, ref, step_grads):
+                p.grad = g.clone()
+                r.grad = g.clone()
+            if opt.param_groups[0]["clipping"]:
+                for r, g in zip(ref, timm_adaptive_clip_grad([r.grad for r in ref], ref)):
+                    r.grad.copy_(g)
+            opt.step()
+            ref_opt.step()
+            for p, r in zip(params, ref):
+                assert_close(p, r, 1e-12, f"step {step}")
+
+
+def test_state_has_no_entries_for_parameters_without_gradients():
+    params = make_params(torch.float32)[:3]
+    params[0].grad = torch.zeros_like(params[0])
+    opt = SGD_AGC(params, lr=0.1)
+    opt.step()
+    opt.step()
+    assert list(opt.state_dict()["state"]) == [0]

@@ -29,6 +29,11 @@ and AGC helpers work unchanged: ``num_classes``, ``num_features``, ``head_hidden
 ``default_cfg`` (timm's published data config of the variant). ``features_only=True`` builds an
 :class:`NFNetFeatures`, timm's ``FeatureListNet`` of the same model (same state-dict keys).
 
+Every forward standardizes all conv weights in one launch, and their gradients in one launch
+(``nfkernels.nn.begin_batched_standardization``). Set ``model.batched_standardization = False``
+to go conv by conv, as a model checkpointed from outside (``checkpoint_wrapper``) must, and as a
+DistributedDataParallel run may prefer (each conv's gradient then exists as soon as its backward ran).
+
 ``flavor="deepmind"`` switches to the official JAX numerics instead of timm's: tanh-approximated
 GELU, the max(N·σ², 1e-4) standardization, and stochastic depth without the 1/keep rescaling.
 """
@@ -45,7 +50,12 @@ import torch.utils.checkpoint
 from nfkernels.functional import scaled_act
 from nfkernels.nn.attn import make_divisible
 from nfkernels.nn.block import NFBlock
-from nfkernels.nn.conv import WSConv2d
+from nfkernels.nn.conv import (
+    WSConv2d,
+    batched_checkpoint_context,
+    begin_batched_standardization,
+    end_batched_standardization,
+)
 from nfkernels.ops.scaled_act import NF_GAMMA
 
 FLAVORS = ("timm", "deepmind")
@@ -393,17 +403,25 @@ class NFNet(_DefaultCfgAlias, nn.Module):
 
     def _stages(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
+            context_fn = batched_checkpoint_context()
             for stage in self.stages:
-                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False, context_fn=context_fn)
             return x
         return self.stages(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Separate from the head so that timm-style code (pooling of its own, pre_logits, dense
-        tasks) can take the activated final-conv map, (N, num_features, H/32, W/32)."""
+        tasks) can take the activated final-conv map, (N, num_features, H/32, W/32).
+
+        Every conv weight is standardized at the start, in one launch (nfkernels.nn.conv's
+        ``begin_batched_standardization``), and every gradient of them in one launch."""
         _check_images("NFNet", x, self.in_chans)
-        x = self._stages(self.stem(x))
-        return scaled_act(self.final_conv.conv(x, None), self.final_conv.bias, act=self.act, gamma=self.gamma)
+        token = begin_batched_standardization(self)
+        try:
+            x = self._stages(self.stem(x))
+            return scaled_act(self.final_conv.conv(x, None), self.final_conv.bias, act=self.act, gamma=self.gamma)
+        finally:
+            end_batched_standardization(token)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool, dropout and classifier on forward_features' output; ``pre_logits`` stops before the
@@ -528,6 +546,13 @@ class NFNetFeatures(_DefaultCfgAlias, nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         _check_images("NFNetFeatures", x, self.in_chans)
+        token = begin_batched_standardization(self)  # every conv weight in one launch, as NFNet
+        try:
+            return self._features(x)
+        finally:
+            end_batched_standardization(token)
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         taps, feats = set(self.feature_info.out_indices), []
         for i in range(self._n_stem):
             conv = getattr(self, f"stem_conv{i + 1}")
@@ -542,9 +567,11 @@ class NFNetFeatures(_DefaultCfgAlias, nn.Module):
             else:
                 x = conv(x)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        context_fn = batched_checkpoint_context() if checkpointing else None
         for s in range(self._n_stages):
             stage = getattr(self, f"stages_{s}")
-            x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False) if checkpointing else stage(x)
+            x = (torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False, context_fn=context_fn)
+                 if checkpointing else stage(x))
             if s + 1 in taps and s + 1 < len(self.feature_info) - 1:
                 feats.append(x)
         if hasattr(self, "final_conv"):

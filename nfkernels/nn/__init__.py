@@ -2,7 +2,13 @@
 from nfkernels.nn.act import ScaledAct
 from nfkernels.nn.attn import SqueezeExcite, make_divisible
 from nfkernels.nn.block import DownsampleAvg, NFBlock
-from nfkernels.nn.conv import WSConv2d, freeze_standardized_weights, pad_same, unfreeze_standardized_weights
+from nfkernels.nn.conv import (
+    WSConv2d,
+    batch_weight_standardization,
+    freeze_standardized_weights,
+    pad_same,
+    unfreeze_standardized_weights,
+)
 
 __all__ = ["ScaledAct", "SqueezeExcite", "NFBlock", "DownsampleAvg", "WSConv2d", "make_divisible", "pad_same",
-           "freeze_standardized_weights", "unfreeze_standardized_weights"]
+           "freeze_standardized_weights", "unfreeze_standardized_weights", "batch_weight_standardization"]

@@ -1,14 +1,21 @@
 """WSConv2d: a Conv2d whose weight is Scaled-Weight-Standardized on the fly (timm ScaledStdConv2d
-and ScaledStdConv2dSame, same parameter names and shapes)."""
+and ScaledStdConv2dSame, same parameter names and shapes), and the batched standardization of all
+of a model's WSConv2d (``begin_batched_standardization``, ``batch_weight_standardization``)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import threading
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import noop_context_fn
 
-from nfkernels.functional import EPS_MODES, weight_standardize
+from nfkernels.functional import EPS_MODES, _resolve, weight_standardize
+from nfkernels.ops.weight_standardize import weight_standardize_batched
 
 
 def _pair(v) -> tuple[int, int]:
@@ -47,6 +54,11 @@ class WSConv2d(nn.Conv2d):
     through ``.data``). Inference that wants to skip that kernel opts in with
     ``freeze_standardized_weight()`` (or ``nfkernels.nn.freeze_standardized_weights(model)``),
     which stores Ŵ once; see there for what a frozen conv does when the weight changes.
+
+    Inside a model that standardizes its convs together (``NFNet``, models converted by
+    ``nfkernels.convert``, ``batch_weight_standardization``), a call during the model's forward
+    uses the Ŵ the model computed for all its convs at the start of that forward, in one launch
+    (and their gradients in one launch); everywhere else the conv computes its own.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
@@ -118,10 +130,19 @@ class WSConv2d(nn.Conv2d):
         does not cast it again (one write of Ŵ instead of a write and a cast); its gradient reaches
         weight and gain in their own dtype."""
         out_dtype = self._autocast_dtype()
-        needs_grad = torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad)
-        if not self._freeze_requested or needs_grad:
-            return self._standardize(out_dtype)
-        return self._frozen_weight(out_dtype)
+        if self._freeze_requested and not self._needs_grad():
+            return self._frozen_weight(out_dtype)
+        # Dynamo cannot trace the ContextVar; a compiled model standardizes conv by conv.
+        batch = None if torch.compiler.is_compiling() else _batch.get()
+        if batch is not None:
+            w_hat = batch.get(self)
+            # Another dtype: autocast was entered or left inside the model's forward.
+            if w_hat is not None and w_hat.dtype == (out_dtype or self.weight.dtype):
+                return w_hat
+        return self._standardize(out_dtype)
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad)
 
     def _frozen_weight(self, out_dtype: torch.dtype | None) -> torch.Tensor:
         dtype = out_dtype or self.weight.dtype
@@ -225,3 +246,146 @@ def unfreeze_standardized_weights(model: nn.Module) -> int:
     for conv in convs:
         conv.unfreeze_standardized_weight()
     return was_frozen
+
+
+# ----------------------------------------------------------------------------- batched standardization
+
+# {conv: Ŵ} computed together for the forward that is running (None outside one). A ContextVar,
+# so that threads (and the autograd threads that recompute checkpointed regions) keep apart.
+_batch: contextvars.ContextVar[dict[WSConv2d, torch.Tensor] | None] = contextvars.ContextVar(
+    "nfkernels_ws_batch", default=None)
+
+# Every submodule registration anywhere bumps this; a model's cached conv list is rebuilt when it
+# moved, so that a forward does not walk the module tree. Removing a module (del, pop) registers
+# nothing: a removed conv stays in the list, and is standardized (its Ŵ unused, its gradient 0)
+# until the next registration anywhere.
+_registrations = 0
+_model_convs: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[WSConv2d]]] = weakref.WeakKeyDictionary()
+
+
+def _count_registration(module, name, submodule) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def _convs_of(model: nn.Module) -> list[WSConv2d]:
+    cached = _model_convs.get(model)
+    if cached is None or cached[0] != _registrations:
+        cached = (_registrations, [m for m in model.modules() if isinstance(m, WSConv2d)])
+        _model_convs[model] = cached
+    return cached[1]
+
+
+def _standardize_together(convs) -> dict[WSConv2d, torch.Tensor]:
+    """{conv: Ŵ} for the convs that would compute Ŵ themselves now (frozen ones that need no
+    gradient use their frozen Ŵ), one batched launch per (device, weight dtype, Ŵ dtype) where the
+    backend is Triton; the torch and cuda backends (no batched kernel) are left conv by conv."""
+    groups: dict[tuple, list] = {}
+    for conv in convs:
+        w, g = conv.weight, conv.gain
+        if (conv._freeze_requested and not conv._needs_grad()) or w.numel() == 0 or conv.eps_mode not in EPS_MODES:
+            continue  # frozen; empty, or an invalid mode: the conv's own call handles (or reports) it
+        groups.setdefault((w.device, w.dtype), []).append((conv, w, g))
+    batch = {}
+    for (device, _), members in groups.items():
+        if _resolve("weight_standardize", device) != "triton":
+            continue
+        group_convs, weights, gains = zip(*members)
+        w_hats = weight_standardize_batched(
+            weights, gains, [c.gamma for c in group_convs], [c.eps for c in group_convs],
+            [c.eps_mode == "deepmind" for c in group_convs], group_convs[0]._autocast_dtype())
+        batch.update(zip(group_convs, w_hats))
+    return batch
+
+
+def begin_batched_standardization(model: nn.Module) -> contextvars.Token | None:
+    """Standardize every WSConv2d of ``model`` now, together, and let their calls use that Ŵ until
+    ``end_batched_standardization(token)``: one launch forward (per device and dtype) instead of
+    one per conv, and one backward once autograd has every Ŵ's gradient. For a model's forward::
+
+        token = begin_batched_standardization(self)
+        try:
+            ...
+        finally:
+            end_batched_standardization(token)
+
+    Returns None (and changes nothing) under torch.compile, where the convs standardize one by one,
+    when no conv is left to batch, and when ``model.batched_standardization`` is False: the opt-out
+    for models checkpointed from outside (``checkpoint_wrapper``, whose recomputation would not see
+    the batch) and for DistributedDataParallel runs that want each conv's gradient as soon as it
+    exists (batched, every conv weight's gradient arrives at the end of the backward). Convs already in an enclosing batch keep its Ŵ. A part of
+    the forward run under torch.utils.checkpoint must be recomputed with the batch active: pass
+    ``context_fn=batched_checkpoint_context()`` (use_reentrant=False)."""
+    if torch.compiler.is_compiling() or not getattr(model, "batched_standardization", True):
+        return None
+    outer = _batch.get()
+    convs = _convs_of(model) if outer is None else [c for c in _convs_of(model) if c not in outer]
+    batch = _standardize_together(convs)
+    if not batch:
+        return None
+    return _batch.set({**outer, **batch} if outer else batch)
+
+
+def end_batched_standardization(token: contextvars.Token | None) -> None:
+    """Close what ``begin_batched_standardization`` returned ``token`` for (None: nothing)."""
+    if token is not None:
+        _batch.reset(token)
+
+
+@contextlib.contextmanager
+def _batch_active(batch: dict[WSConv2d, torch.Tensor]):
+    token = _batch.set(batch)
+    try:
+        yield
+    finally:
+        _batch.reset(token)
+
+
+def batched_checkpoint_context():
+    """``context_fn`` for torch.utils.checkpoint (use_reentrant=False) inside a batched forward:
+    the recomputation in backward (on another thread, outside the forward) uses the same Ŵ, so that
+    it saves the same tensors as the first run did."""
+    batch = None if torch.compiler.is_compiling() else _batch.get()
+    if batch is None:
+        return noop_context_fn
+    return lambda: (contextlib.nullcontext(), _batch_active(batch))
+
+
+_hook_tokens = threading.local()
+
+
+def _begin_hook(model: nn.Module, args) -> None:
+    if torch.compiler.is_compiling():
+        return
+    tokens = _hook_tokens.__dict__.setdefault("stack", [])
+    tokens.append(None)  # first, so that the post-hook (always called) pops even if this raises
+    # timm's checkpoint_seq recomputes stages without this batch: those models go conv by conv.
+    if not (getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()):
+        tokens[-1] = begin_batched_standardization(model)
+
+
+def _end_hook(model: nn.Module, args, output) -> None:
+    if torch.compiler.is_compiling():
+        return
+    end_batched_standardization(_hook_tokens.stack.pop())
+
+
+def batch_weight_standardization(model: nn.Module) -> nn.Module:
+    """Make every call of ``model`` standardize all its WSConv2d together (one launch forward per
+    device and dtype, one backward), through forward hooks; ``nfkernels.convert`` does this for
+    the models it converts. Calling it again changes nothing. Returns the model.
+
+    Not for models that checkpoint parts of their forward from outside (e.g. torch's
+    ``checkpoint_wrapper`` around blocks): their recomputation in backward would standardize conv
+    by conv and save other tensors than the first run (a CheckpointError); set
+    ``model.batched_standardization = False`` for those. A ``grad_checkpointing`` attribute
+    (timm's) is honoured: while it is true, training forwards go conv by conv."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"batch_weight_standardization: model must be an nn.Module; got {type(model).__name__}")
+    if _begin_hook not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_begin_hook)
+        model.register_forward_hook(_end_hook, always_call=True)
+    return model

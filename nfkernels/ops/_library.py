@@ -21,13 +21,39 @@ opaque custom_ops, whose fake implementation is again the op's body with the ker
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from nfkernels.ops._triton import JITFunction
 
 NAMESPACE = "nfkernels"
+
+# Profiling (bench/step_profile.py): (record, run) while ``observe_launches`` is in force.
+_launch_observer: tuple[Callable[[str], None], bool] | None = None
+
+
+@contextlib.contextmanager
+def observe_launches(record: Callable[[str], None], *, run: bool = True) -> Iterator[None]:
+    """Within the context, every kernel launch of every op (Triton through ``launch``, CUDA
+    through ``cuda_launch``) first calls ``record(kernel name)``; with ``run=False`` it then
+    launches nothing (the outputs keep whatever their allocation held), so that the host cost
+    of everything around the kernels (Python, autograd, dispatch, allocation) can be measured on
+    a machine that cannot run them. Process-wide, not thread-local: autograd runs the backward
+    of CUDA tensors on its own threads."""
+    global _launch_observer
+    previous, _launch_observer = _launch_observer, (record, run)
+    try:
+        yield
+    finally:
+        _launch_observer = previous
+
+
+def kernel_name(kernel) -> str:
+    """The Python name of a @triton.jit kernel (or of a stand-in for one)."""
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", type(kernel).__name__)
 
 
 def _first_tensor(args) -> torch.Tensor | None:
@@ -41,15 +67,24 @@ def _is_meta(args) -> bool:
     return first is not None and first.is_meta
 
 
-def launch(kernel, grid, *args, **meta) -> None:
+def launch(kernel, grid, *args, traceable: bool = True, **meta) -> None:
     """``kernel[grid](*args, **meta)``, traceable: a compiled kernel goes through wrap_triton
     (recorded as a kernel call while tracing, a plain launch otherwise); an interpreted kernel (or
     a test's stand-in for one) runs directly on real tensors and is skipped on fake ones, where
-    only the outputs' metadata matters. Nothing runs on meta tensors."""
+    only the outputs' metadata matters. Nothing runs on meta tensors.
+
+    ``traceable=False`` launches a compiled kernel directly: for callers that are never traced
+    (the optimizer, ``agc_``), where wrap_triton's dispatch would only add host time."""
     if _is_meta(args):
         return
+    if _launch_observer is not None:
+        record, run = _launch_observer
+        record(kernel_name(kernel))
+        if not run:
+            return
     if isinstance(kernel, JITFunction):
-        kernel = torch.library.wrap_triton(kernel)
+        if traceable:
+            kernel = torch.library.wrap_triton(kernel)
     else:
         first = _first_tensor(args)
         if first is not None and is_fake(first):
@@ -104,6 +139,11 @@ def cuda_launch(kernel: str, device: torch.device, *args) -> None:
     first = _first_tensor(args)
     if first is not None and (is_fake(first) or first.is_meta):
         return
+    if _launch_observer is not None:
+        record, run = _launch_observer
+        record(kernel)
+        if not run:
+            return
     from nfkernels import _backend
 
     extension = _backend.cuda_extension()

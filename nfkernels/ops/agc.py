@@ -16,23 +16,26 @@ stays non-finite for loss scalers to see; other units are untouched. No derivati
 gradients in place, outside autograd.
 
 Fused layout: every unit of every tensor in a (device, gradient dtype, weight dtype) group is one
-row of a device-side int64 table ``(grad offset, weight offset, length)``, offsets counted in
-elements from the first gradient and the first weight of the group (so every gradient of a group
-shares one dtype, and every weight another, which may differ: torch allows fp32 parameters with
-bf16 gradients). One launch clips all rows, one program per row. The table is cached, keyed by
-the tensors' addresses, shapes and dtypes, so a training loop whose gradients stay in place builds
-it once; a CUDA graph captured after one eager step replays it.
+row of a ``UnitTable``: a device-side int64 table of rows ``(tensor index, first element of the
+row within its tensor, length)``, which depends only on the shapes and is built once, and a small
+table of each tensor's operands' offsets ``bases[tensor] = (grad offset, weight offset)`` in
+elements from the group's first gradient and first weight (so every gradient of a group shares
+one dtype, and every weight another, which may differ: torch allows fp32 parameters with bf16
+gradients). One launch clips all rows, one program per row. Callers keep their tables (see
+nfkernels.clip): when only addresses change (``zero_grad(set_to_none=True)`` gives new gradients
+every step) only ``bases``, a few bytes per tensor, is rebuilt; a CUDA graph captured after one
+eager step replays it.
 """
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from nfkernels.ops._triton import tl, triton
 
-from nfkernels.ops._library import cuda_launch
+from nfkernels.ops._library import cuda_launch, launch
 from nfkernels.ops._utils import device_guard, dim0_rows, next_power_of_2
 
 GRAD_NORM_FLOOR = 1e-6  # timm's grad_norm.clamp(min=1e-6)
@@ -40,17 +43,15 @@ GRAD_NORM_FLOOR = 1e-6  # timm's grad_norm.clamp(min=1e-6)
 # Rows longer than this are streamed in chunks of this size. Tests lower it.
 MAX_BLOCK = 2048
 
-# Distinct parameter sets whose row tables stay cached (a model, its EMA copy, eval clones...).
-TABLE_CACHE_SIZE = 32
-
 
 @triton.jit
-def _agc_kernel(g_ptr, w_ptr, table_ptr, clip_factor: tl.float64, eps: tl.float64, ACC_FP64: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _agc_kernel(g_ptr, w_ptr, rows_ptr, bases_ptr, clip_factor: tl.float64, eps: tl.float64,
+                ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
     """One program clips one unit: G_i ← G_i · λ‖W_i‖*/max(‖G_i‖, 1e-6) unless ‖G_i‖ < λ‖W_i‖*.
 
-    ``table_ptr`` rows are (grad offset, weight offset, length) in elements from g_ptr / w_ptr,
-    each offset in its own pointer's element type (the two dtypes may differ). Squared norms
+    ``rows_ptr`` rows are (tensor, first element of the row in that tensor, length); ``bases_ptr``
+    rows are the tensor's (grad offset, weight offset) in elements from g_ptr / w_ptr, each in its
+    own pointer's element type (the two dtypes may differ). Squared norms
     accumulate in fp32 (fp64 when either operand is fp64). The where() forms of the two
     max() keep NaN (tl.maximum would return the other operand), as torch's clamp does in timm.
     A kept unit is not written, so it costs one read of W_i and G_i.
@@ -62,9 +63,11 @@ def _agc_kernel(g_ptr, w_ptr, table_ptr, clip_factor: tl.float64, eps: tl.float6
         clip_factor = tl.cast(clip_factor, tl.float32)
         eps = tl.cast(eps, tl.float32)
     unit = tl.program_id(0).to(tl.int64)
-    g_start = tl.load(table_ptr + unit * 3)
-    w_start = tl.load(table_ptr + unit * 3 + 1)
-    length = tl.load(table_ptr + unit * 3 + 2)
+    tensor = tl.load(rows_ptr + unit * 3)
+    row_start = tl.load(rows_ptr + unit * 3 + 1)
+    length = tl.load(rows_ptr + unit * 3 + 2)
+    g_start = tl.load(bases_ptr + tensor * 2) + row_start
+    w_start = tl.load(bases_ptr + tensor * 2 + 1) + row_start
     cols = tl.arange(0, BLOCK).to(tl.int64)
     g_sq = tl.zeros([BLOCK], dtype=acc_dtype)
     w_sq = tl.zeros([BLOCK], dtype=acc_dtype)
@@ -87,12 +90,12 @@ def _agc_kernel(g_ptr, w_ptr, table_ptr, clip_factor: tl.float64, eps: tl.float6
             tl.store(offs, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def unit_rows(t: torch.Tensor) -> torch.Tensor | None:
-    """The (units, unit length) view of ``t``'s memory under timm's unit rule, or None when a
-    unit is not one dense block (then the caller works on a dense copy)."""
+def has_dense_units(t: torch.Tensor) -> bool:
+    """Whether each unit of ``t`` (timm's rule) is one dense block of memory, unit k starting
+    k·(unit length) elements after ``t.data_ptr()``: what a fused launch's rows address."""
     if t.dim() <= 1:
-        return t.view(1, -1) if t.is_contiguous() else None
-    return dim0_rows(t)
+        return t.is_contiguous()
+    return dim0_rows(t) is not None
 
 
 def acc_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
@@ -100,89 +103,129 @@ def acc_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-@dataclass
-class RowTable:
-    """Device-side table of unit rows for one group of same-dtype tensors on one device.
+def unit_count(t: torch.Tensor) -> int:
+    """How many units ``t`` has under timm's rule (ndim ≤ 1: one)."""
+    return t.shape[0] if t.dim() > 1 else 1
 
-    Each row of ``table`` holds one int64 offset per operand (in elements from that operand's
-    first tensor) followed by the row length; ``max_len`` sizes the kernel's block.
+
+@dataclass
+class UnitTable:
+    """The device tables of one fused launch over tensors whose units are dense rows (module
+    docstring): ``rows`` (n_rows, 3) from the shapes, ``bases`` (n_tensors, n_operands) from the
+    addresses, both int64 on ``device``; ``max_len`` sizes the kernel's block.
+
+    Tables read by a captured CUDA graph must outlive it: once used during capture they are kept
+    for the life of the process (``_CAPTURED``), whatever replaces them.
     """
 
-    table: torch.Tensor
+    rows: torch.Tensor
+    bases: torch.Tensor
+    addresses: tuple[int, ...]
     n_rows: int
     max_len: int
-    captured: bool = False  # read by a captured CUDA graph: must outlive it, never evicted
-    # CUDA streams (handles) the table has been read on. Work on a stream other than the one that
-    # allocated it is invisible to the caching allocator until record_stream says so; without it,
-    # an evicted table's memory could be handed out while a kernel there still reads it.
+    captured: bool = False
+    # CUDA streams (handles) the tables have been read on. Work on a stream other than the one
+    # that allocated them is invisible to the caching allocator until record_stream says so;
+    # without it, a replaced table's memory could be handed out while a kernel there still reads it.
     streams: set = field(default_factory=set)
 
-    def record_use(self) -> None:
-        """Tell the caching allocator about a launch on the current stream (once per stream)."""
-        if self.table.device.type != "cuda" or self.captured:  # captured tables are never freed
-            return
-        stream = torch.cuda.current_stream(self.table.device)
-        if stream.cuda_stream not in self.streams:
-            self.table.record_stream(stream)
+    def readdress(self, operands: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Point ``bases`` at ``operands`` (same shapes as when built, new addresses); False when
+        an operand's offset is not a whole number of elements (then the caller regroups)."""
+        addresses = _addresses(operands)
+        if addresses == self.addresses:
+            return True
+        offsets = _offsets(operands, addresses)
+        if offsets is None:
+            return False
+        device = self.bases.device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "nfkernels: the tensors' addresses changed, and the fused launch's table of them cannot be "
+                "rebuilt during CUDA graph capture; run one eager step with the same tensors right before "
+                "capturing, and keep the gradients in place (zero_grad(set_to_none=False))")
+        # A captured graph keeps reading the old bases (kept in _CAPTURED); the new one is not captured yet.
+        self.captured = False
+        self.streams = set()
+        self.bases = _to_device(offsets, device)
+        self.addresses = addresses
+        _note_allocation(self)
+        return True
+
+    def use(self) -> "UnitTable":
+        """Mark a launch that reads the tables on the current stream (or into a graph being captured)."""
+        if self.rows.device.type != "cuda":
+            return self
+        if torch.cuda.is_current_stream_capturing():
+            if not self.captured:
+                self.captured = True
+                _CAPTURED.extend((self.rows, self.bases))
+            return self
+        stream = torch.cuda.current_stream(self.rows.device)
+        if not self.captured and stream.cuda_stream not in self.streams:
+            self.rows.record_stream(stream)
+            self.bases.record_stream(stream)
             self.streams.add(stream.cuda_stream)
+        return self
 
 
-_table_cache: collections.OrderedDict[tuple, RowTable] = collections.OrderedDict()
+# Tables read by captured CUDA graphs: never freed (a graph holds raw addresses).
+_CAPTURED: list[torch.Tensor] = []
 
 
-def _table_key(tensor_lists: Sequence[Sequence[torch.Tensor]]) -> tuple:
-    return tuple(
-        (rows[0].dtype,) + tuple((t.data_ptr(), t.shape[0], t.shape[1]) for t in rows) for rows in tensor_lists
-    ) + (tensor_lists[0][0].device,)
+def _addresses(operands: Sequence[Sequence[torch.Tensor]]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for tensors in operands for t in tensors)
 
 
-def row_table(tensor_lists: Sequence[Sequence[torch.Tensor]]) -> RowTable:
-    """The cached RowTable of the unit-row views in ``tensor_lists`` (one list per operand, all
-    lists of equal length, item k of every list describing the same unit rows).
+def _offsets(operands: Sequence[Sequence[torch.Tensor]], addresses: tuple[int, ...]) -> np.ndarray | None:
+    """(n_tensors, n_operands) element offsets from each operand's first tensor, or None when
+    one is not a whole number of elements."""
+    n_tensors = len(operands[0])
+    byte_offsets = np.array(addresses, dtype=np.int64).reshape(len(operands), n_tensors)
+    byte_offsets -= byte_offsets[:, :1]
+    itemsizes = np.array([tensors[0].element_size() for tensors in operands], dtype=np.int64)[:, None]
+    if (byte_offsets % itemsizes).any():
+        return None
+    return np.ascontiguousarray((byte_offsets // itemsizes).T)
 
-    Built on the host and copied without blocking it (pinned memory); building while a CUDA
-    graph is being captured is refused, because the captured copy would read host memory whose
-    lifetime the graph does not own.
-    """
-    key = _table_key(tensor_lists)
-    device = tensor_lists[0][0].device
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    cached = _table_cache.get(key)
-    if cached is not None:
-        _table_cache.move_to_end(key)
-        cached.captured = cached.captured or capturing
-        cached.record_use()
-        return cached
-    if capturing:
+
+def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host int64 table on ``device`` without blocking the host (pinned memory on CUDA); refused
+    during CUDA graph capture, where the captured copy would read host memory the graph does not own."""
+    table = torch.from_numpy(host)
+    if device.type != "cuda":
+        return table.to(device)
+    if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            "nfkernels: the row table for these tensors is not built yet and cannot be built during CUDA "
-            "graph capture; run one eager step with the same tensors before capturing"
-        )
-    columns = []
-    lengths = []
-    for rows in tensor_lists:
-        base = rows[0].data_ptr()
-        itemsize = rows[0].element_size()
-        starts = []
-        for r in rows:
-            first = (r.data_ptr() - base) // itemsize
-            starts.append(torch.arange(r.shape[0], dtype=torch.int64) * r.shape[1] + first)
-        columns.append(torch.cat(starts))
-    for r in tensor_lists[0]:
-        lengths.append(torch.full((r.shape[0],), r.shape[1], dtype=torch.int64))
-    host = torch.stack(columns + [torch.cat(lengths)], dim=1).contiguous()
-    if device.type == "cuda":
-        table = host.pin_memory().to(device, non_blocking=True)
-    else:
-        table = host.to(device)
-    entry = RowTable(table, host.shape[0], max(r.shape[1] for r in tensor_lists[0]))
-    if device.type == "cuda":  # allocated on the current stream, which the allocator knows about
-        entry.streams.add(torch.cuda.current_stream(device).cuda_stream)
-    _table_cache[key] = entry
-    evictable = [k for k, e in _table_cache.items() if not e.captured]
-    for old in evictable[: max(0, len(_table_cache) - TABLE_CACHE_SIZE)]:
-        del _table_cache[old]
-    return entry
+            "nfkernels: the table of this fused launch is not built yet and cannot be built during CUDA "
+            "graph capture; run one eager step with the same tensors before capturing")
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _note_allocation(table: UnitTable) -> None:
+    if table.rows.device.type == "cuda":  # allocated on the current stream, which the allocator knows about
+        table.streams.add(torch.cuda.current_stream(table.rows.device).cuda_stream)
+
+
+def unit_table(operands: Sequence[Sequence[torch.Tensor]]) -> UnitTable | None:
+    """The tables of a fused launch over ``operands`` (one list per operand, item i of each
+    list being tensor i's operand: same shape, units dense and laid out alike); None when an
+    operand's offset from its first tensor is not a whole number of elements."""
+    addresses = _addresses(operands)
+    offsets = _offsets(operands, addresses)
+    if offsets is None:
+        return None
+    device = operands[0][0].device
+    units = np.array([unit_count(t) for t in operands[0]], dtype=np.int64)
+    lengths = np.array([t.numel() for t in operands[0]], dtype=np.int64) // np.maximum(units, 1)
+    tensor_of_row = np.repeat(np.arange(len(units), dtype=np.int64), units)
+    first_row = np.repeat(np.cumsum(units) - units, units)
+    row_lengths = lengths[tensor_of_row]
+    rows = np.stack([tensor_of_row, (np.arange(len(tensor_of_row)) - first_row) * row_lengths, row_lengths], axis=1)
+    table = UnitTable(_to_device(np.ascontiguousarray(rows), device), _to_device(offsets, device), addresses,
+                      len(rows), int(lengths.max(initial=1)))
+    _note_allocation(table)
+    return table
 
 
 def group_key(t: torch.Tensor) -> tuple:
@@ -194,24 +237,23 @@ def block_size(max_len: int) -> int:
     return max(16, min(next_power_of_2(max_len), MAX_BLOCK))
 
 
-def agc_triton(weight_rows: list[torch.Tensor], grad_rows: list[torch.Tensor], clip_factor: float, eps: float) -> None:
-    """One launch of ``_agc_kernel`` over all rows: one device, the gradients sharing one dtype and
-    alignment, the weights another."""
-    entry = row_table([grad_rows, weight_rows])
-    g0, w0 = grad_rows[0], weight_rows[0]
-    with device_guard(g0):
-        _agc_kernel[(entry.n_rows,)](
-            g0, w0, entry.table, clip_factor, eps,
-            ACC_FP64=acc_dtype_for(g0.dtype, w0.dtype) == torch.float64, BLOCK=block_size(entry.max_len),
-            num_warps=4,
+def agc_triton(table: UnitTable, grad0: torch.Tensor, weight0: torch.Tensor, clip_factor: float, eps: float) -> None:
+    """One launch of ``_agc_kernel`` over every row of ``table``, whose first gradient and weight
+    are ``grad0`` and ``weight0`` (the bases' origins)."""
+    table.use()
+    with device_guard(grad0):
+        launch(
+            _agc_kernel, (table.n_rows,), grad0, weight0, table.rows, table.bases, clip_factor, eps,
+            ACC_FP64=acc_dtype_for(grad0.dtype, weight0.dtype) == torch.float64, BLOCK=block_size(table.max_len),
+            num_warps=4, traceable=False,
         )
 
 
-def agc_cuda(weight_rows: list[torch.Tensor], grad_rows: list[torch.Tensor], clip_factor: float, eps: float) -> None:
+def agc_cuda(table: UnitTable, grad0: torch.Tensor, weight0: torch.Tensor, clip_factor: float, eps: float) -> None:
     """The same launch through the CUDA kernel of nfkernels._C (csrc/agc.cu)."""
-    entry = row_table([grad_rows, weight_rows])
-    g0, w0 = grad_rows[0], weight_rows[0]
-    cuda_launch("agc", g0.device, g0, w0, entry.table, entry.n_rows, g0.dtype, w0.dtype, clip_factor, eps)
+    table.use()
+    cuda_launch("agc", grad0.device, grad0, weight0, table.rows, table.bases, table.n_rows, grad0.dtype,
+                weight0.dtype, clip_factor, eps)
 
 
 def unit_norms(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:

@@ -9,34 +9,41 @@ HW = H·W:
     hb   = h + b_c
     p    = mean_hw hb                                   (N, C; 0 when HW = 0, see below)
     a    = fc1(p) = p·W1ᵀ + b1,  r = relu(a),  z = fc2(r) = r·W2ᵀ + b2,  g = sigmoid(z)
-    u    = α · m_n · attn_gain · g_{n,c}                (α · m_n without SE: no gain, no sigmoid)
+    u    = gain · m_n · g_{n,c},  gain = α · attn_gain   (u = α · m_n without SE: no gain, no sigmoid)
     coef = k · u
     out  = s + sb_c + coef_{n,c} · hb
 
 Backward, with S1 = Σ_hw dout and S2 = Σ_hw dout·hb per (n, c):
 
     ds = dout,  dsb_c = Σ_n S1,  dk = Σ_{n,c} S2·u
-    dz = S2 · k·α·m_n·attn_gain · σ(z)σ(−z)     (= g(1 − g), without its cancellation at g ≈ 1)
+    dz = S2 · k·gain·m_n · σ(z)σ(−z)            (= g(1 − g), without its cancellation at g ≈ 1)
     dW2 = dzᵀ·r,  db2 = Σ_n dz,  da = (dz·W2) ⊙ [a > 0],  dW1 = daᵀ·p,  db1 = Σ_n da,  dp = da·W1
     dh = dout·coef + dp/HW,  db_c = Σ_n (coef·S1 + dp)
 
-The bias and the pooling are fused into one reduction, the gate, scalars and residual into one
-streaming kernel; the MLP runs on (N, C) with torch matmuls. The backward reads dout twice and
-h once and writes dh once. dk is taken from u, never by dividing by k (k is 0 at init).
+Five kernels: the pooling (bias and 1/HW folded in), the gate forward (coef formed from z, m, k
+and the gain inside it), the backward reduction (S1, S2 and from them every per-(n, c) term the
+parameter gradients sum over samples: S1, coef·S1, S2·u, dz), the backward streaming (dh, coef
+formed again) and the per-channel sums over samples of those terms. The SE MLP and its gradients
+run on (N, C) with torch matmuls. Launches per call (fp32, every option present): forward 5 with
+SE (pool, fc1, relu, fc2, gate), 1 without; backward 10 with SE (reduction, 4 matmuls, relu's
+backward, db1, streaming, sums, dk), 4 without (tests/test_se_gate.py counts them). The backward
+reads dout twice and h once and writes dh once. dk is taken from u, never by dividing by k (k is 0
+at init).
 
 With HW = 0 the output has no elements, so nothing depends on any parameter and every gradient
 is 0. The mean over the empty map is then taken as 0 (torch's and timm's is NaN, which would
 make S2·g(1 − g) = 0·NaN and the SE weights' gradients NaN); as p reaches no output element,
 the forward is unchanged. Empty inputs run on the torch path (``se_gate_residual_torch``).
 
-Two kernel sets implement the four kernels (pooling, gate forward, backward reduction, backward
-streaming): the Triton ones below and the CUDA ones of csrc/se_gate.cu. The host-side math
-(the SE MLP and its gradients, coef) is shared; each set is registered as its own pair of ops
+Two kernel sets implement the kernels: the Triton ones below and the CUDA ones of
+csrc/se_gate.cu, behind the same launcher interface (``Kernels``). The host-side math (the SE
+MLP and its gradients) is shared; each set is registered as its own pair of ops
 (``se_gate_residual_fwd`` / ``_bwd`` and ``..._cuda``) with one autograd formula.
 """
 from __future__ import annotations
 
 import contextlib
+import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -50,7 +57,8 @@ from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2
 # kernels give one tile to each program. Tests lower them to exercise the loops and the masks.
 REDUCE_TILE = 2048
 STREAM_TILE = 1024
-# In channels_last the channel axis is the contiguous one; this many channels per tile.
+# In channels_last the channel axis is the contiguous one; this many channels per tile. Also the
+# channels of one program of the per-channel sums.
 MAX_BLOCK_C = 128
 
 
@@ -62,9 +70,9 @@ def _se_pool_fwd_kernel(
 ):
     """p_{n,c} = mean_hw h_{n,c,hw} + b_c for a block of channels of one sample.
 
-    Derivative: dh = dp/HW, db = Σ_n dp (done by the backward kernels and host). Source: timm
-    SEModule's ``x.mean((2, 3))`` on ``conv3(x)``, with conv3's bias folded in. Grid (N,
-    cdiv(C, BLOCK_C)); loops over HW; accumulates in fp32 (fp64 for fp64), writes p in that dtype.
+    Derivative: dh = dp/HW, db = Σ_n dp (done by the backward kernels). Source: timm SEModule's
+    ``x.mean((2, 3))`` on ``conv3(x)``, with conv3's bias folded in. Grid (N, cdiv(C, BLOCK_C));
+    loops over HW; accumulates in fp32 (fp64 for fp64), writes p in that dtype.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     n = tl.program_id(0).to(tl.int64)
@@ -85,6 +93,52 @@ def _se_pool_fwd_kernel(
 
 
 @triton.jit
+def _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo,
+                   HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr, ACC_FP64: tl.constexpr):
+    """(gain·m_n, k·gain·m_n) of sample n in the accumulation dtype: u and coef before the gate.
+
+    gain = α·attn_gain (α without SE) comes as two fp32 halves (``_fp32_pair``), added in the
+    accumulation dtype; m (accumulation dtype) and k (h's dtype or fp32) are read from memory.
+    """
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    scale = tl.cast(gain_hi, acc_dtype) + tl.cast(gain_lo, acc_dtype)
+    if HAS_MASK:
+        scale = scale * tl.load(mask_ptr + n)
+    coef_scale = scale
+    if HAS_SKIP:
+        coef_scale = scale * tl.load(skip_ptr).to(acc_dtype)
+    return scale, coef_scale
+
+
+@triton.jit
+def _sigmoid_and_slope(logits_ptr, n, cs, c_mask, C):
+    """(σ(z), σ(z)σ(−z)) of sample n's logits at channels cs (σ' = σ(z)σ(−z) = g(1 − g)).
+
+    Both from e = exp(−|z|): no overflow for large |z|, and σ(z)σ(−z) = e/(1 + e)² keeps its
+    relative accuracy where g rounds to 1, which g(1 − g) does not. Source: timm SEModule's
+    ``x_se.sigmoid()``.
+    """
+    z = tl.load(logits_ptr + n * C + cs, mask=c_mask, other=0.0)
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)
+    return tl.where(z >= 0, r, e * r), e * r * r
+
+
+@triton.jit
+def _coef(logits_ptr, mask_ptr, skip_ptr, n, cs, c_mask, C, gain_hi, gain_lo,
+          HAS_SE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr, ACC_FP64: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    """coef_{n,c} = k·gain·m_n·σ(z_{n,c}) (k·gain·m_n without SE) at channels cs of sample n."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    _, coef_scale = _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo, HAS_MASK, HAS_SKIP, ACC_FP64)
+    coef = tl.zeros([BLOCK_C], dtype=acc_dtype) + coef_scale
+    if HAS_SE:
+        gate, _ = _sigmoid_and_slope(logits_ptr, n, cs, c_mask, C)
+        coef = coef * gate
+    return coef
+
+
+@triton.jit
 def _stream_tile(C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """(sample, channel indices, hw indices) of this program's tile. The grid is one flat axis of
     N·cdiv(C, BLOCK_C)·cdiv(HW, BLOCK_HW) programs, hw fastest: CUDA caps grid axes 1 and 2 at
@@ -99,18 +153,20 @@ def _stream_tile(C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
 
 @triton.jit
 def _se_gate_fwd_kernel(
-    h_ptr, shortcut_ptr, coef_ptr, bias_ptr, sbias_ptr, out_ptr,
-    C, HW, stride_n, stride_c, stride_hw,
-    HAS_SHORTCUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SBIAS: tl.constexpr, ACC_FP64: tl.constexpr,
+    h_ptr, shortcut_ptr, logits_ptr, mask_ptr, skip_ptr, bias_ptr, sbias_ptr, out_ptr,
+    C, HW, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
+    HAS_SHORTCUT: tl.constexpr, HAS_SE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SBIAS: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """out = s + sb_c + coef_{n,c} · (h + b_c) on one (channels × hw) tile of one sample
     (s = 0 without a shortcut: a standalone SE layer).
 
-    coef = α·k·m_n·attn_gain·sigmoid(z) (or α·k·m_n without SE) comes precomputed per (n, c).
-    Derivative: ds = dout, dh = dout·coef (+ the pooling path, see the module docstring). Source:
-    timm NormFreeBlock ``out = attn_gain·attn_last(out); drop_path; ·skipinit_gain; ·alpha +
-    shortcut``. One program per tile (``_stream_tile``); h, s and out share strides.
+    coef = k·α·attn_gain·m_n·sigmoid(z) (k·α·m_n without SE) is formed here from the logits
+    (``_coef``). Derivative: ds = dout, dh = dout·coef (+ the pooling path, see the module
+    docstring). Source: timm NormFreeBlock ``out = attn_gain·attn_last(out); drop_path;
+    ·skipinit_gain; ·alpha + shortcut``. One program per tile (``_stream_tile``); h, s and out
+    share strides.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     n, cs, hw = _stream_tile(C, HW, BLOCK_C, BLOCK_HW)
@@ -120,7 +176,8 @@ def _se_gate_fwd_kernel(
     x = tl.load(h_ptr + offs, mask=m, other=0.0).to(acc_dtype)
     if HAS_BIAS:
         x += tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(acc_dtype)[:, None]
-    coef = tl.load(coef_ptr + n * C + cs, mask=c_mask, other=0.0)
+    coef = _coef(logits_ptr, mask_ptr, skip_ptr, n, cs, c_mask, C, gain_hi, gain_lo,
+                 HAS_SE, HAS_MASK, HAS_SKIP, ACC_FP64, BLOCK_C)
     out = coef[:, None] * x
     if HAS_SHORTCUT:
         out += tl.load(shortcut_ptr + offs, mask=m, other=0.0).to(acc_dtype)
@@ -131,15 +188,18 @@ def _se_gate_fwd_kernel(
 
 @triton.jit
 def _se_gate_bwd_reduce_kernel(
-    dout_ptr, h_ptr, bias_ptr, s1_ptr, s2_ptr,
-    C, HW, stride_n, stride_c, stride_hw,
-    HAS_BIAS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    dout_ptr, h_ptr, bias_ptr, logits_ptr, mask_ptr, skip_ptr, s1_ptr, coef_s1_ptr, s2_u_ptr, dz_ptr,
+    C, HW, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
+    HAS_BIAS: tl.constexpr, HAS_SE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """S1_{n,c} = Σ_hw dout, S2_{n,c} = Σ_hw dout·(h + b_c) for a block of channels of one sample.
+    """S1_{n,c} = Σ_hw dout, S2_{n,c} = Σ_hw dout·(h + b_c) for a block of channels of one sample,
+    and from them the (N, C) terms the parameter gradients sum over samples (module docstring):
+    S1 (→ dsb), coef·S1 (→ db), S2·u (→ dk; from u, not coef/k: k is 0 at init) and, with SE,
+    dz = S2·k·gain·m_n·σ(z)σ(−z) (→ the SE MLP).
 
-    S2 = ∂L/∂coef drives the gate's, the SkipInit gain's and the SE MLP's gradients; S1 gives the
-    biases' (module docstring). Grid (N, cdiv(C, BLOCK_C)); each program owns its outputs and
-    loops over HW, so the sums are deterministic (no atomics). fp32 accumulation (fp64 for fp64).
+    S2 = ∂L/∂coef. Grid (N, cdiv(C, BLOCK_C)); each program owns its outputs and loops over HW,
+    so the sums are deterministic (no atomics). fp32 accumulation (fp64 for fp64).
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     n = tl.program_id(0).to(tl.int64)
@@ -150,30 +210,45 @@ def _se_gate_bwd_reduce_kernel(
     b = tl.zeros([BLOCK_C], dtype=acc_dtype)
     if HAS_BIAS:
         b = tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(acc_dtype)
-    s1 = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    s2 = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    # Whole-tile accumulators, reduced once after the loop: Triton 3.6's thread-locality pass
+    # asserts on a loop-carried tl.sum whose result has more than one use (s1 and s2 have two).
+    s1_tile = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
+    s2_tile = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
     for start in range(0, HW, BLOCK_HW):
         hw = start + hws
         m = c_mask[:, None] & (hw < HW)[None, :]
         offs = row_base + hw[None, :] * stride_hw
         dy = tl.load(dout_ptr + offs, mask=m, other=0.0).to(acc_dtype)
         x = tl.load(h_ptr + offs, mask=m, other=0.0).to(acc_dtype)
-        s1 += tl.sum(dy, axis=1)
-        s2 += tl.sum(dy * (x + b[:, None]), axis=1)
-    tl.store(s1_ptr + n * C + cs, s1, mask=c_mask)
-    tl.store(s2_ptr + n * C + cs, s2, mask=c_mask)
+        s1_tile += dy
+        s2_tile += dy * (x + b[:, None])
+    s1 = tl.sum(s1_tile, axis=1)
+    s2 = tl.sum(s2_tile, axis=1)
+    scale, coef_scale = _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo, HAS_MASK, HAS_SKIP, ACC_FP64)
+    u = tl.zeros([BLOCK_C], dtype=acc_dtype) + scale
+    coef = tl.zeros([BLOCK_C], dtype=acc_dtype) + coef_scale
+    nc = n * C + cs
+    if HAS_SE:
+        gate, slope = _sigmoid_and_slope(logits_ptr, n, cs, c_mask, C)
+        u = u * gate
+        coef = coef * gate
+        tl.store(dz_ptr + nc, s2 * coef_scale * slope, mask=c_mask)
+    tl.store(s1_ptr + nc, s1, mask=c_mask)
+    tl.store(coef_s1_ptr + nc, coef * s1, mask=c_mask)
+    tl.store(s2_u_ptr + nc, s2 * u, mask=c_mask)
 
 
 @triton.jit
 def _se_gate_bwd_kernel(
-    dout_ptr, coef_ptr, dpool_ptr, dh_ptr,
-    C, HW, stride_n, stride_c, stride_hw,
-    HAS_DPOOL: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    dout_ptr, logits_ptr, mask_ptr, skip_ptr, dpool_ptr, dh_ptr,
+    C, HW, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
+    HAS_SE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """dh = dout·coef_{n,c} + dp_{n,c}/HW on one (channels × hw) tile of one sample.
 
-    The first term is the gated path, the second the pooling path into the SE (absent without
-    SE); dpool_ptr holds dp/HW already. Tiles and strides as in ``_se_gate_fwd_kernel``.
+    The first term is the gated path (coef formed as in ``_se_gate_fwd_kernel``), the second the
+    pooling path into the SE (absent without SE). Tiles and strides as in ``_se_gate_fwd_kernel``.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     n, cs, hw = _stream_tile(C, HW, BLOCK_C, BLOCK_HW)
@@ -181,11 +256,50 @@ def _se_gate_bwd_kernel(
     m = c_mask[:, None] & (hw < HW)[None, :]
     offs = n * stride_n + cs[:, None] * stride_c + hw[None, :] * stride_hw
     dy = tl.load(dout_ptr + offs, mask=m, other=0.0).to(acc_dtype)
-    coef = tl.load(coef_ptr + n * C + cs, mask=c_mask, other=0.0)
+    coef = _coef(logits_ptr, mask_ptr, skip_ptr, n, cs, c_mask, C, gain_hi, gain_lo,
+                 HAS_SE, HAS_MASK, HAS_SKIP, ACC_FP64, BLOCK_C)
     dh = dy * coef[:, None]
-    if HAS_DPOOL:
-        dh += tl.load(dpool_ptr + n * C + cs, mask=c_mask, other=0.0)[:, None]
+    if HAS_SE:
+        dh += (tl.load(dpool_ptr + n * C + cs, mask=c_mask, other=0.0) / HW)[:, None]
     tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _se_gate_bwd_sums_kernel(
+    s1_ptr, coef_s1_ptr, s2_u_ptr, dz_ptr, dpool_ptr, dsbias_ptr, dbias_ptr, dskip_partial_ptr, dfc2_bias_ptr,
+    N, C,
+    HAS_SE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per channel, over samples: dsb = Σ_n S1, db = Σ_n (coef·S1 + dp), dk_c = Σ_n S2·u (dk is
+    their sum) and, with SE, db2 = Σ_n dz; from the (N, C) terms of
+    ``_se_gate_bwd_reduce_kernel`` and dp.
+
+    One program per block of channels loops over the samples in a fixed order: deterministic,
+    no atomics. Each gradient gets its own output: an op's outputs may not alias each other.
+    """
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    cs = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = cs < C
+    dsbias = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    dbias = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    dskip = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    dfc2_bias = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    for start in range(0, N, BLOCK_N):
+        ns = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        m = (ns < N)[:, None] & c_mask[None, :]
+        nc = ns[:, None] * C + cs[None, :]
+        dsbias += tl.sum(tl.load(s1_ptr + nc, mask=m, other=0.0), axis=0)
+        bias_terms = tl.load(coef_s1_ptr + nc, mask=m, other=0.0)
+        if HAS_SE:
+            bias_terms += tl.load(dpool_ptr + nc, mask=m, other=0.0)
+            dfc2_bias += tl.sum(tl.load(dz_ptr + nc, mask=m, other=0.0), axis=0)
+        dbias += tl.sum(bias_terms, axis=0)
+        dskip += tl.sum(tl.load(s2_u_ptr + nc, mask=m, other=0.0), axis=0)
+    tl.store(dsbias_ptr + cs, dsbias, mask=c_mask)
+    tl.store(dbias_ptr + cs, dbias, mask=c_mask)
+    tl.store(dskip_partial_ptr + cs, dskip, mask=c_mask)
+    if HAS_SE:
+        tl.store(dfc2_bias_ptr + cs, dfc2_bias, mask=c_mask)
 
 
 # ----------------------------------------------------------------------------- layout helpers
@@ -244,6 +358,45 @@ def _autocast_off(device_type: str):
 
 # ----------------------------------------------------------------------------- launchers
 
+class Gate(NamedTuple):
+    """What the kernels form coef_{n,c} = k·u, u = gain·m_n·σ(z_{n,c}) (gain·m_n without SE) from."""
+
+    logits: torch.Tensor | None  # z, (N, C) in the accumulation dtype; None without SE
+    mask: torch.Tensor | None  # m, (N,) dense in the accumulation dtype; None: 1
+    skip_gain: torch.Tensor | None  # k, one element in h's dtype or fp32; None: 1
+    gain: float  # α·attn_gain, or α without SE
+
+
+class GradTerms(NamedTuple):
+    """The backward reduction's (N, C) terms in the accumulation dtype (``_se_gate_bwd_reduce_kernel``)."""
+
+    s1: torch.Tensor
+    coef_s1: torch.Tensor
+    s2_u: torch.Tensor
+    dz: torch.Tensor | None  # None without SE
+
+
+_FP32_MAX = 3.4028234663852886e38
+
+
+def _fp32_pair(x: float) -> tuple[float, float]:
+    """(hi, lo): x rounded to fp32 and the rest, also fp32-representable to 24 bits, so hi + lo
+    formed in fp64 is x to about 48 bits. Compiled Triton passes a Python float as fp32, which
+    would round an fp64 kernel's gain; beyond fp32's range hi is x (inf in any compiled kernel)."""
+    if not abs(x) <= _FP32_MAX:
+        return x, 0.0
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def _gate_args(gate: Gate, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """The Triton kernels' gate arguments: (logits, mask, skip_gain pointers, gain halves) and
+    their HAS_* flags; ``dummy`` stands for an absent tensor, never dereferenced."""
+    tensors = tuple(t if t is not None else dummy for t in (gate.logits, gate.mask, gate.skip_gain))
+    flags = dict(HAS_SE=gate.logits is not None, HAS_MASK=gate.mask is not None, HAS_SKIP=gate.skip_gain is not None)
+    return (*tensors, *_fp32_pair(gate.gain)), flags
+
+
 def se_pool_triton(h, bias):
     """p = mean_hw h + b as an (N, C) tensor in the accumulation dtype; h in native layout."""
     n, c, hh, ww = h.shape
@@ -261,58 +414,87 @@ def se_pool_triton(h, bias):
     return pool
 
 
-def se_gate_triton_fwd(h, shortcut, coef, bias, shortcut_bias):
+def se_gate_triton_fwd(h, shortcut, gate, bias, shortcut_bias):
     """out = shortcut + sb + coef·(h + b) in h's layout; shortcut (or None) already in h's layout."""
     n, c, hh, ww = h.shape
     hw = hh * ww
     out = new_empty_like(h)
     stride_n, stride_c, stride_hw = _strides(h)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, STREAM_TILE)
-    dummy = coef  # never dereferenced when the matching constexpr flag is off
+    dummy = h  # never dereferenced when the matching constexpr flag is off
+    (logits, mask, skip, gain_hi, gain_lo), gate_flags = _gate_args(gate, dummy)
     launch(
         _se_gate_fwd_kernel, (triton.cdiv(hw, block_hw) * triton.cdiv(c, block_c) * n,),
-        h, shortcut if shortcut is not None else dummy, coef, bias if bias is not None else dummy,
+        h, shortcut if shortcut is not None else dummy, logits, mask, skip, bias if bias is not None else dummy,
         shortcut_bias if shortcut_bias is not None else dummy, out,
-        c, hw, stride_n, stride_c, stride_hw,
-        HAS_SHORTCUT=shortcut is not None, HAS_BIAS=bias is not None, HAS_SBIAS=shortcut_bias is not None,
-        ACC_FP64=coef.dtype == torch.float64, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        c, hw, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
+        HAS_SHORTCUT=shortcut is not None, **gate_flags, HAS_BIAS=bias is not None,
+        HAS_SBIAS=shortcut_bias is not None, ACC_FP64=h.dtype == torch.float64, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return out
 
 
-def se_gate_triton_bwd_reduce(dout, h, bias):
-    """(S1, S2) = (Σ_hw dout, Σ_hw dout·(h + b)) per (n, c); dout already in h's layout."""
+def _new_terms(h, has_se) -> GradTerms:
+    """Uninitialized outputs of the backward reduction (the kernels write every element)."""
+    n, c = h.shape[:2]
+    acc = _acc_dtype(h.dtype)
+    s1, coef_s1, s2_u = (new_empty(n, c, device=h.device, dtype=acc) for _ in range(3))
+    return GradTerms(s1, coef_s1, s2_u, new_empty(n, c, device=h.device, dtype=acc) if has_se else None)
+
+
+def se_gate_triton_bwd_reduce(dout, h, bias, gate):
+    """GradTerms of (S1, S2) = (Σ_hw dout, Σ_hw dout·(h + b)) per (n, c); dout already in h's layout."""
     n, c, hh, ww = h.shape
     hw = hh * ww
-    acc = _acc_dtype(h.dtype)
-    s1 = new_empty(n, c, device=h.device, dtype=acc)
-    s2 = new_empty(n, c, device=h.device, dtype=acc)
+    terms = _new_terms(h, gate.logits is not None)
     stride_n, stride_c, stride_hw = _strides(h)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, REDUCE_TILE)
+    (logits, mask, skip, gain_hi, gain_lo), gate_flags = _gate_args(gate, h)
     launch(
         _se_gate_bwd_reduce_kernel, (n, triton.cdiv(c, block_c)),
-        dout, h, bias if bias is not None else h, s1, s2,
-        c, hw, stride_n, stride_c, stride_hw,
-        HAS_BIAS=bias is not None, ACC_FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        dout, h, bias if bias is not None else h, logits, mask, skip, terms.s1, terms.coef_s1, terms.s2_u,
+        terms.dz if terms.dz is not None else h,
+        c, hw, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
+        HAS_BIAS=bias is not None, **gate_flags, ACC_FP64=h.dtype == torch.float64, BLOCK_C=block_c,
+        BLOCK_HW=block_hw,
     )
-    return s1, s2
+    return terms
 
 
-def se_gate_triton_bwd(dout, coef, dpool_over_hw):
-    """dh = dout·coef + dp/HW in dout's (= h's) layout."""
+def _new_channel_sums(terms: GradTerms):
+    """(dshortcut_bias, dbias, dskip_partial, dfc2_bias) outputs of the sums: (C,) each, dfc2_bias
+    (0,) without SE; distinct tensors, as an op's outputs may not alias each other."""
+    c, like = terms.s1.shape[1], terms.s1
+    sums = [new_empty(c, device=like.device, dtype=like.dtype) for _ in range(3)]
+    return (*sums, new_empty(c if terms.dz is not None else 0, device=like.device, dtype=like.dtype))
+
+
+def se_gate_triton_bwd(dout, gate, terms, dpool):
+    """(dh, dshortcut_bias, dbias, dskip_partial, dfc2_bias): dh = dout·coef + dp/HW in dout's
+    (= h's) layout, and the per-channel sums over samples of ``_se_gate_bwd_sums_kernel``."""
     n, c, hh, ww = dout.shape
     hw = hh * ww
     dh = new_empty_like(dout)
     stride_n, stride_c, stride_hw = _strides(dout)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, STREAM_TILE)
+    (logits, mask, skip, gain_hi, gain_lo), gate_flags = _gate_args(gate, dout)
+    fp64 = terms.s1.dtype == torch.float64
     launch(
         _se_gate_bwd_kernel, (triton.cdiv(hw, block_hw) * triton.cdiv(c, block_c) * n,),
-        dout, coef, dpool_over_hw if dpool_over_hw is not None else coef, dh,
-        c, hw, stride_n, stride_c, stride_hw,
-        HAS_DPOOL=dpool_over_hw is not None, ACC_FP64=coef.dtype == torch.float64,
-        BLOCK_C=block_c, BLOCK_HW=block_hw,
+        dout, logits, mask, skip, dpool if dpool is not None else dout, dh,
+        c, hw, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
+        **gate_flags, ACC_FP64=fp64, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
-    return dh
+    sums = _new_channel_sums(terms)
+    block_c, block_n = _blocks(c, n, False, REDUCE_TILE)  # the channel axis is the contiguous one
+    launch(
+        _se_gate_bwd_sums_kernel, (triton.cdiv(c, block_c),),
+        terms.s1, terms.coef_s1, terms.s2_u, terms.dz if terms.dz is not None else terms.s1,
+        dpool if dpool is not None else terms.s1, *sums,
+        n, c,
+        HAS_SE=terms.dz is not None, ACC_FP64=fp64, BLOCK_N=block_n, BLOCK_C=block_c,
+    )
+    return (dh, *sums)
 
 
 def _cuda_shape(h: torch.Tensor) -> tuple[int, int, int, bool]:
@@ -325,6 +507,11 @@ def _param_dtype(t: torch.Tensor | None) -> str:
     return dtype_name(t.dtype if t is not None else None)
 
 
+def _cuda_gate(gate: Gate) -> tuple:
+    """The gate's arguments of nfkernels._C: logits, mask, skip_gain, skip_gain's dtype, gain."""
+    return gate.logits, gate.mask, gate.skip_gain, _param_dtype(gate.skip_gain), gate.gain
+
+
 def se_pool_cuda(h, bias):
     """se_pool_triton through the CUDA kernel of nfkernels._C (csrc/se_gate.cu)."""
     n, c = h.shape[:2]
@@ -333,40 +520,39 @@ def se_pool_cuda(h, bias):
     return pool
 
 
-def se_gate_cuda_fwd(h, shortcut, coef, bias, shortcut_bias):
+def se_gate_cuda_fwd(h, shortcut, gate, bias, shortcut_bias):
     """se_gate_triton_fwd through the CUDA kernel of nfkernels._C."""
     out = new_empty_like(h)
-    cuda_launch("se_gate_fwd", h.device, h, shortcut, coef, bias, shortcut_bias, out, *_cuda_shape(h), h.dtype,
-                _param_dtype(bias), _param_dtype(shortcut_bias))
+    cuda_launch("se_gate_fwd", h.device, h, shortcut, *_cuda_gate(gate), bias, shortcut_bias, out, *_cuda_shape(h),
+                h.dtype, _param_dtype(bias), _param_dtype(shortcut_bias))
     return out
 
 
-def se_gate_cuda_bwd_reduce(dout, h, bias):
+def se_gate_cuda_bwd_reduce(dout, h, bias, gate):
     """se_gate_triton_bwd_reduce through the CUDA kernel of nfkernels._C."""
-    n, c = h.shape[:2]
-    acc = _acc_dtype(h.dtype)
-    s1 = new_empty(n, c, device=h.device, dtype=acc)
-    s2 = new_empty(n, c, device=h.device, dtype=acc)
+    terms = _new_terms(h, gate.logits is not None)
     # The kernels read dout in h's dtype, which autograd already gives (the cast is then a no-op).
-    cuda_launch("se_gate_bwd_reduce", h.device, dout.to(h.dtype), h, bias, s1, s2, *_cuda_shape(h), h.dtype,
-                _param_dtype(bias))
-    return s1, s2
+    cuda_launch("se_gate_bwd_reduce", h.device, dout.to(h.dtype), h, bias, *_cuda_gate(gate), *terms,
+                *_cuda_shape(h), h.dtype, _param_dtype(bias))
+    return terms
 
 
-def se_gate_cuda_bwd(dout, coef, dpool_over_hw):
-    """se_gate_triton_bwd through the CUDA kernel of nfkernels._C."""
+def se_gate_cuda_bwd(dout, gate, terms, dpool):
+    """se_gate_triton_bwd through the CUDA kernels of nfkernels._C."""
     dh = new_empty_like(dout)
-    cuda_launch("se_gate_bwd", dout.device, dout, coef, dpool_over_hw, dh, *_cuda_shape(dout), dout.dtype)
-    return dh
+    dsbias, dbias, dskip_partial, dfc2_bias = _new_channel_sums(terms)
+    cuda_launch("se_gate_bwd", dout.device, dout, *_cuda_gate(gate), *terms, dpool, dh, dsbias, dbias, dskip_partial,
+                dfc2_bias if terms.dz is not None else None, *_cuda_shape(dout), dout.dtype)
+    return dh, dsbias, dbias, dskip_partial, dfc2_bias
 
 
 class Kernels(NamedTuple):
-    """One implementation of the four kernels, as the host-side math calls them."""
+    """One implementation of the kernels, as the host-side math calls them."""
 
     pool: object
     gate_fwd: object
     bwd_reduce: object
-    bwd: object
+    bwd: object  # the backward streaming and the per-channel sums
 
 
 TRITON_KERNELS = Kernels(se_pool_triton, se_gate_triton_fwd, se_gate_triton_bwd_reduce, se_gate_triton_bwd)
@@ -389,21 +575,11 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.reshape(-1).contiguous() if t is not None else None
 
 
-def _sample_scale(n, mask, alpha, acc, device):
-    """α·m_n as an (N, 1) column."""
-    scale = torch.full((n, 1), alpha, dtype=acc, device=device)
-    return scale * mask.reshape(n, 1).to(acc) if mask is not None else scale
-
-
-def _unscaled_coef(sample_scale, c, attn_gain, gate):
-    """u = α·m_n·attn_gain·g, or α·m_n without SE; (N, C), and coef = k·u."""
-    if gate is None:
-        return sample_scale.expand(-1, c)
-    return sample_scale * attn_gain * gate
-
-
-def _times_skip(t, skip, acc):
-    return t * skip.reshape(()).to(acc) if skip is not None else t
+def _make_gate(logits, mask, skip_gain, alpha, attn_gain, acc) -> Gate:
+    """The Gate of a call; logits None without SE. Each operand is used as given when it is
+    already right (no launch)."""
+    mask = _flat(mask.to(acc)) if mask is not None else None
+    return Gate(logits, mask, skip_gain, alpha * attn_gain if logits is not None else alpha)
 
 
 def _forward(
@@ -416,7 +592,6 @@ def _forward(
     backward needs σ'(z) = σ(z)σ(−z), which g(1 − g) loses where g rounds to 1."""
     h = _native_layout(h)
     shortcut = _in_layout_of(shortcut, h) if shortcut is not None else None
-    n, c = h.shape[:2]
     acc = _acc_dtype(h.dtype)
     bias = _flat(bias)
     if fc1_weight is not None:
@@ -425,12 +600,11 @@ def _forward(
         with _autocast_off(h.device.type):
             hidden = torch.relu(F.linear(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc)))
             logits = F.linear(hidden, _acc_matrix(fc2_weight, acc), _acc_vector(fc2_bias, acc))
-        u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, torch.sigmoid(logits))
+        gate = _make_gate(logits, mask, skip_gain, alpha, attn_gain, acc)
     else:
         pool, hidden, logits = (h.new_empty(0, dtype=acc) for _ in range(3))  # distinct: outputs may not alias
-        u = _unscaled_coef(_sample_scale(n, mask, alpha, acc, h.device), c, attn_gain, None)
-    coef = _times_skip(u, skip_gain, acc).contiguous()
-    out = kernels.gate_fwd(h, shortcut, coef, bias, _flat(shortcut_bias))
+        gate = _make_gate(None, mask, skip_gain, alpha, attn_gain, acc)
+    out = kernels.gate_fwd(h, shortcut, gate, bias, _flat(shortcut_bias))
     return out, pool, hidden, logits
 
 
@@ -438,31 +612,27 @@ def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, bias, skip
                    alpha, attn_gain):
     """Backward (module docstring) with ``kernels``. Returns (dh in h's native layout and dtype,
     dW1 (rd, C), db1 (rd,), dW2 (C, rd), db2 (C,), dbias (C,), dshortcut_bias (C,), dskip ()), all
-    but dh in the accumulation dtype; the SE terms are empty (0,) without SE. The caller casts and
-    reshapes them to the parameters' dtypes and shapes; dshortcut = dout needs no kernel."""
+    but dh in the accumulation dtype; the SE terms are empty (0,) without SE, dskip without
+    skip_gain. The caller casts and reshapes them to the parameters' dtypes and shapes;
+    dshortcut = dout needs no kernel."""
     h = _native_layout(h)
-    n, c, hh, ww = h.shape
     acc = _acc_dtype(h.dtype)
     dout = _in_layout_of(dout, h)
-    s1, s2 = kernels.bwd_reduce(dout, h, _flat(bias))
-    sample_scale = _sample_scale(n, mask, alpha, acc, h.device)
     has_se = fc1_weight is not None
-    gate = torch.sigmoid(logits) if has_se else None
-    u = _unscaled_coef(sample_scale, c, attn_gain, gate)
-    coef = _times_skip(u, skip_gain, acc).contiguous()
-    dw1, db1, dw2, db2 = (s1.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
+    gate = _make_gate(logits if has_se else None, mask, skip_gain, alpha, attn_gain, acc)
+    terms = kernels.bwd_reduce(dout, h, _flat(bias), gate)
+    dw1, db1, dw2 = (terms.s1.new_empty(0) for _ in range(3))  # distinct: outputs may not alias
     dpool = None
     if has_se:
-        dz = s2 * _times_skip(sample_scale * attn_gain, skip_gain, acc) * gate * torch.sigmoid(-logits)
-        da = (dz @ _acc_matrix(fc2_weight, acc)) * (hidden > 0)
-        dpool = da @ _acc_matrix(fc1_weight, acc)
-        dw1, db1 = da.t() @ pool, da.sum(0)
-        dw2, db2 = dz.t() @ hidden, dz.sum(0)
-    dh = kernels.bwd(dout, coef, dpool / (hh * ww) if dpool is not None else None)
-    dbias = (coef * s1).sum(0)
-    if dpool is not None:
-        dbias = dbias + dpool.sum(0)
-    return dh, dw1, db1, dw2, db2, dbias, s1.sum(0), (s2 * u).sum()
+        with _autocast_off(h.device.type):  # the SE's gradients in acc precision, as its forward
+            dw2 = terms.dz.t() @ hidden
+            da = torch.ops.aten.threshold_backward(terms.dz @ _acc_matrix(fc2_weight, acc), hidden, 0)  # relu's
+            dw1 = da.t() @ pool
+            db1 = da.sum(0)
+            dpool = da @ _acc_matrix(fc1_weight, acc)
+    dh, dsb, dbias, dskip_partial, db2 = kernels.bwd(dout, gate, terms, dpool)
+    dskip = dskip_partial.sum() if skip_gain is not None else dskip_partial.new_empty(0)
+    return dh, dw1, db1, dw2, db2, dbias, dsb, dskip
 
 
 # The registered ops: explicit signatures (torch.library infers the schema from them), one per
@@ -518,11 +688,16 @@ se_gate_residual_bwd = define_op("se_gate_residual_bwd", _se_gate_residual_bwd, 
 se_gate_residual_fwd_cuda = define_cuda_op("se_gate_residual_fwd_cuda", _se_gate_residual_fwd_cuda)
 se_gate_residual_bwd_cuda = define_cuda_op("se_gate_residual_bwd_cuda", _se_gate_residual_bwd_cuda)
 
+# Inputs that get a gradient from the backward op: all but shortcut (dout itself), mask and the scalars.
+_BWD_OP_INPUTS = (0, 2, 3, 4, 5, 6, 7, 8)
+
 
 def _setup_context(ctx, inputs, output):
     h, shortcut, w1, b1, w2, b2, bias, shortcut_bias, skip, mask, alpha, attn_gain = inputs
     _, pool, hidden, logits = output
     ctx.mark_non_differentiable(pool, hidden, logits)
+    # The gradients of pool, hidden and logits then arrive as None, not as zero-filled tensors.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(h, w1, w2, bias, skip, mask, pool, hidden, logits)
     ctx.alpha, ctx.attn_gain = alpha, attn_gain
     # (shape, dtype) of every parameter that gets a gradient, to cast the accumulated ones back.
@@ -535,11 +710,16 @@ def _as_param_grad(grad: torch.Tensor, meta) -> torch.Tensor | None:
 
 def _backward_through(bwd_op):
     def backward(ctx, dout, _dpool, _dhidden, _dlogits):
-        """Gradients of every input but mask (not differentiated) and the scalars (module docstring)."""
+        """Gradients of every input but mask (not differentiated) and the scalars (module docstring).
+        Without a gradient of out (only the non-differentiable outputs used) none flows."""
+        if dout is None:
+            return (None,) * 12
+        dshortcut = dout if ctx.needs_input_grad[1] else None  # the residual passes it through unchanged
+        if not any(ctx.needs_input_grad[i] for i in _BWD_OP_INPUTS):
+            return None, dshortcut, *(None,) * 10
         h, w1, w2, bias, skip, mask, pool, hidden, logits = ctx.saved_tensors
         dh, *param_grads = bwd_op(dout, h, w1, w2, bias, skip, mask, pool, hidden, logits, ctx.alpha, ctx.attn_gain)
         dw1, db1, dw2, db2, dbias, dsb, dskip = (_as_param_grad(g, m) for g, m in zip(param_grads, ctx.meta))
-        dshortcut = dout if ctx.needs_input_grad[1] else None  # the residual passes it through unchanged
         return dh, dshortcut, dw1, db1, dw2, db2, dbias, dsb, dskip, None, None, None
 
     return backward

@@ -16,23 +16,23 @@ from __future__ import annotations
 import torch
 from nfkernels.ops._triton import tl, triton
 
-from nfkernels.ops._library import cuda_launch
+from nfkernels.ops._library import cuda_launch, launch
 from nfkernels.ops._utils import device_guard
-from nfkernels.ops.agc import acc_dtype_for, block_size, clip_scale, row_table, unit_norms
+from nfkernels.ops.agc import UnitTable, acc_dtype_for, block_size, clip_scale, unit_norms
 
 
 @triton.jit
 def _sgd_agc_kernel(
-    p_ptr, g_ptr, buf_ptr, table_ptr,
+    p_ptr, g_ptr, buf_ptr, rows_ptr, bases_ptr,
     lr: tl.float64, momentum: tl.float64, weight_decay: tl.float64, clip_factor: tl.float64, eps: tl.float64,
     CLIP: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program updates one unit row: AGC factor from ‖W_i‖, ‖G_i‖, then the SGD step.
 
-    ``table_ptr`` rows are (param offset, grad offset, buffer offset, length) in elements from
-    p_ptr / g_ptr / buf_ptr (the gradient's dtype may differ from the parameter's, which the
-    buffer shares). Arithmetic in fp32 (fp64 when the parameter or the gradient is fp64); p and
+    ``rows_ptr`` rows are (tensor, first element of the row in that tensor, length); ``bases_ptr``
+    rows are the tensor's (param, grad, buffer) offsets in elements from p_ptr / g_ptr / buf_ptr
+    (the gradient's dtype may differ from the parameter's, which the buffer shares). Arithmetic in fp32 (fp64 when the parameter or the gradient is fp64); p and
     buf are stored in the parameter dtype. Without weight decay p is not added (0·inf would be NaN).
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
@@ -43,10 +43,12 @@ def _sgd_agc_kernel(
         weight_decay = tl.cast(weight_decay, tl.float32)
         clip_factor, eps = tl.cast(clip_factor, tl.float32), tl.cast(eps, tl.float32)
     row = tl.program_id(0).to(tl.int64)
-    p_start = tl.load(table_ptr + row * 4)
-    g_start = tl.load(table_ptr + row * 4 + 1)
-    buf_start = tl.load(table_ptr + row * 4 + 2)
-    length = tl.load(table_ptr + row * 4 + 3)
+    tensor = tl.load(rows_ptr + row * 3)
+    row_start = tl.load(rows_ptr + row * 3 + 1)
+    length = tl.load(rows_ptr + row * 3 + 2)
+    p_start = tl.load(bases_ptr + tensor * 3) + row_start
+    g_start = tl.load(bases_ptr + tensor * 3 + 1) + row_start
+    buf_start = tl.load(bases_ptr + tensor * 3 + 2) + row_start
     cols = tl.arange(0, BLOCK).to(tl.int64)
     scale = 1.0
     if CLIP:
@@ -78,25 +80,25 @@ def _sgd_agc_kernel(
         tl.store(p_ptr + p_start + start + cols, (p - lr * d).to(p_ptr.dtype.element_ty), mask=mask)
 
 
-def sgd_agc_fused(backend, p_rows, g_rows, buf_rows, *, lr, momentum, weight_decay, nesterov, clip,
-                  clip_factor, eps):
-    """One launch over all rows. Lists of unit-row views, each list of one dtype and alignment
-    (the gradients' may differ from the parameters' and buffers'), all on one device, laid out
-    alike pairwise (row k of p_rows[i], g_rows[i] and buf_rows[i] hold the same elements);
-    without momentum ``buf_rows`` is ``p_rows`` and is never written."""
-    entry = row_table([p_rows, g_rows, buf_rows])
-    p0, g0, b0 = p_rows[0], g_rows[0], buf_rows[0]
+def sgd_agc_fused(backend: str, table: UnitTable, p0: torch.Tensor, g0: torch.Tensor, b0: torch.Tensor, *, lr,
+                  momentum, weight_decay, nesterov, clip, clip_factor, eps) -> None:
+    """One launch over every row of ``table``, whose first parameter, gradient and momentum buffer
+    are p0, g0, b0 (the bases' origins; the parameters, and the buffers, of one launch share a
+    dtype, the gradients another that may differ; each tensor's three operands are laid out
+    alike). Without momentum ``b0`` is ``p0`` and is never written."""
+    table.use()
     has_momentum = momentum != 0
     if backend == "triton":
         with device_guard(p0):
-            _sgd_agc_kernel[(entry.n_rows,)](
-                p0, g0, b0, entry.table, lr, momentum, weight_decay, clip_factor, eps,
+            launch(
+                _sgd_agc_kernel, (table.n_rows,),
+                p0, g0, b0, table.rows, table.bases, lr, momentum, weight_decay, clip_factor, eps,
                 CLIP=clip, HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
                 NESTEROV=nesterov, ACC_FP64=acc_dtype_for(p0.dtype, g0.dtype) == torch.float64,
-                BLOCK=block_size(entry.max_len), num_warps=4,
+                BLOCK=block_size(table.max_len), num_warps=4, traceable=False,
             )
         return
-    cuda_launch("sgd_agc", p0.device, p0, g0, b0, entry.table, entry.n_rows, p0.dtype, g0.dtype,
+    cuda_launch("sgd_agc", p0.device, p0, g0, b0, table.rows, table.bases, table.n_rows, p0.dtype, g0.dtype,
                 lr, momentum, weight_decay, clip_factor, eps, clip, has_momentum, nesterov)
 
 

@@ -8,7 +8,8 @@ import torch
 
 from nfkernels import _backend
 from nfkernels._checks import check_float
-from nfkernels.clip import AGC_BACKENDS, ShardedWholeUnits, check_param_and_grad, local_units
+from nfkernels.clip import (AGC_BACKENDS, FusedLaunch, ShardedWholeUnits, check_param_and_grad, fused_launches,
+                            layout_signature, local_units)
 from nfkernels.ops import agc as _agc
 from nfkernels.ops import sgd_agc as _ops
 
@@ -31,15 +32,23 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
     ``state[p]["momentum_buffer"]`` as in torch.optim.SGD, so state dicts save, load and
     interchange with it (buffers take the parameter's dtype; a gradient may have another, as
     torch's ``grad_dtype`` allows). Each parameter may be listed once; ``step()`` validates every
-    group before it updates any. On CPU the torch reference runs. Under FSDP2, the gradients of
+    group before it updates any, and keeps what it validated (a plan per group: which parameters
+    share which launch, and the launch's row table) while the parameters, their gradients' and
+    buffers' layouts and the backend setting stay the same, so a step costs the host little more
+    than its launches. The gradients may be new tensors every step (``zero_grad()``'s default
+    ``set_to_none=True``): only a small table of their addresses is rebuilt; with
+    ``zero_grad(set_to_none=False)`` they are zeroed by one ``torch._foreach_zero_`` per
+    (device, dtype). On CPU the torch reference runs. Under FSDP2, the gradients of
     sharded whole-tensor units (biases, gains) are clipped in place before the fused step,
     because their norms need an all_reduce.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
                  clip_factor: float = 0.01, eps: float = 1e-3, *, clipping: bool = True):
+        # foreach: torch.optim's zero_grad(set_to_none=False) then zeroes the gradients with one
+        # torch._foreach_zero_ per (device, dtype) instead of one zero_ per parameter.
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        clip_factor=clip_factor, eps=eps, clipping=clipping)
+                        clip_factor=clip_factor, eps=eps, clipping=clipping, foreach=True)
         _check_group_options(defaults, "")
         super().__init__(params, defaults)
 
@@ -76,29 +85,70 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
                 loss = closure()
         # Every group is checked before any is updated: a bad gradient in a later group must
         # not leave the earlier groups stepped.
-        plans = [self._plan_group(i, group) for i, group in enumerate(self.param_groups)]
-        for group, plan in zip(self.param_groups, plans):
-            plan.run(group)
+        backend_setting = _backend.get_backend()
+        runs = [self._ready_plan(i, group, backend_setting) for i, group in enumerate(self.param_groups)]
+        for group, (plan, operands, bases) in zip(self.param_groups, runs):
+            plan.run(group, operands, bases)
         return loss
 
-    def _plan_group(self, index: int, group: dict) -> "_GroupPlan":
-        """Validates the group's parameters and sorts them into fused launches; writes nothing
-        but missing momentum buffers (zeros, which the first step treats as absent)."""
+    def _operands(self, params: list) -> tuple[list, list, list]:
+        """(params, their gradients, their momentum buffers or None) as they are now."""
+        state = self.state
+        bufs = []
+        for p in params:
+            entry = state.get(p)  # not state[p]: that would add empty entries to the state dict
+            bufs.append(entry.get("momentum_buffer") if entry else None)
+        return params, [p.grad for p in params], bufs
+
+    def _ready_plan(self, index: int, group: dict, backend_setting: str):
+        """(plan, operands, base tensors of its fused launches) for one group, validated: the kept
+        plan when nothing but addresses changed since it was made, else a new one."""
         # Options may have been edited since add_param_group (schedulers write lr): a NaN or a
         # negative value would silently ruin every parameter.
         _check_group_options(group, f"param_groups[{index}]")
+        plans = self.__dict__.setdefault("_plans", {})
+        params = group["params"]
+        operands = self._operands(params)
+        key = _plan_key(group, operands, backend_setting)
+        plan = plans.get(index)
+        if plan is not None and plan.key == key:
+            bases = plan.readdress(operands)
+            if bases is not None:
+                return plan, operands, bases
+        plan = self._plan_group(index, group)
+        if plan.operands is None:  # reusable: keyed on the operands as they are after planning (new buffers)
+            operands = self._operands(params)
+            plan.key = _plan_key(group, operands, backend_setting)
+            plans[index] = plan
+        else:
+            operands = plan.operands
+        return plan, operands, plan.readdress(operands)
+
+    def _plan_group(self, index: int, group: dict) -> "_GroupPlan":
+        """Validates the group's parameters and sorts them into the torch path and fused launches;
+        writes nothing but missing momentum buffers (zeros, which the first step treats as absent)."""
         momentum = group["momentum"]
+        params = group["params"]
+        n = len(params)
+        ws: list = [None] * n
+        gs: list = [None] * n
+        bs: list = [None] * n
+        clips = [group["clipping"]] * n
+        unfused: list[int] = []
+        groups: dict[tuple, list[int]] = {}
+        backends: dict[torch.device, str] = {}
         plan = _GroupPlan()
-        for j, p in enumerate(group["params"]):
+        local = True
+        for j, p in enumerate(params):
             if p.grad is None:
                 continue
             name = f"param_groups[{index}]['params'][{j}]"
             grad = check_param_and_grad(OP, name, p, writes="param")
             w, g, spans_ranks = local_units(OP, name, p, grad)
-            clip = group["clipping"]
-            if clip and spans_ranks:
+            local = local and w is p
+            if clips[j] and spans_ranks:
                 plan.sharded.add(p, grad)
-                clip = False
+                clips[j] = False
             state = self.state[p]
             buf = state.get("momentum_buffer") if momentum != 0 else None
             if momentum != 0 and buf is None:
@@ -108,46 +158,70 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
                 state["momentum_buffer"] = buf
             elif buf is not None:
                 buf = _aligned_buffer(name, p, buf, state)
-            buf_local = buf.to_local() if buf is not None and w is not p else buf  # w is p unless p is a DTensor
             if w.numel() == 0:
                 continue
-            backend = _backend.resolve(OP, w.device, supported=AGC_BACKENDS)
-            p_rows = _agc.unit_rows(w)
-            if backend == "torch" or p_rows is None:
-                plan.unfused.append((w, g, buf_local, clip))
+            ws[j], gs[j] = w, g
+            bs[j] = (buf.to_local() if w is not p else buf) if buf is not None else w
+            if w.device not in backends:
+                backends[w.device] = _backend.resolve(OP, w.device, supported=AGC_BACKENDS)
+            # The fused kernel reads element k of each row of p, g and buf as one element: their
+            # layouts must agree. Any other layout takes the torch path.
+            if (backends[w.device] == "torch" or not _agc.has_dense_units(w) or g.stride() != w.stride()
+                    or bs[j].stride() != w.stride()):
+                unfused.append(j)
                 continue
-            if g.stride() != w.stride():  # element k of each row must be the same element of p and g
-                g = torch.empty_like(w, dtype=g.dtype).copy_(g)
-            b_rows = _agc.unit_rows(buf_local) if buf_local is not None else p_rows
-            g_rows = _agc.unit_rows(g)
-            # Row-table offsets count elements of each operand's first tensor: one dtype and one
-            # alignment per operand within a launch (the gradient's dtype may differ from p's).
-            key = (backend, clip) + _agc.group_key(p_rows) + _agc.group_key(g_rows)[1:] + _agc.group_key(b_rows)[2:]
-            ps, gs, bs = plan.fused.setdefault(key, ([], [], []))
-            ps.append(p_rows)
-            gs.append(g_rows)
-            bs.append(b_rows)
+            # Offsets count elements of each operand's first tensor: one dtype and one alignment
+            # per operand within a launch (the gradient's dtype may differ from p's).
+            key = (w.device, clips[j]) + _agc.group_key(w)[1:] + _agc.group_key(g)[1:] + _agc.group_key(bs[j])[2:]
+            groups.setdefault(key, []).append(j)
+        plan.unfused = [(j, clips[j]) for j in unfused]
+        plan.launches = fused_launches(OP, backends, groups, ws, gs, bs)
+        for launch, key in zip(plan.launches, groups):
+            launch.clip = key[1]
+        plan.momentum = momentum != 0
+        plan.operands = None if local else (ws, gs, bs)
         return plan
+
+
+def _plan_key(group: dict, operands: tuple[list, list, list], backend_setting: str) -> tuple:
+    """What a group's plan depends on besides addresses (which its launches readdress)."""
+    params, grads, bufs = operands
+    return (tuple(map(id, params)), layout_signature(params), layout_signature(grads), layout_signature(bufs),
+            group["momentum"] != 0, group["clipping"], backend_setting)
 
 
 class _GroupPlan:
     """One param group's step, validated: sharded whole units to clip across ranks first, then
-    parameters for the torch path and fused launches keyed by (backend, clip, device, dtypes...)."""
+    positions for the torch path and fused launches. ``operands`` holds the (param, grad, buffer)
+    lists of a plan that is not reusable (DTensors: local shards are new tensors every step)."""
 
     def __init__(self):
         self.sharded = ShardedWholeUnits()
-        self.unfused: list[tuple] = []
-        self.fused: dict[tuple, tuple[list, list, list]] = {}
+        self.unfused: list[tuple[int, bool]] = []
+        self.launches: list[FusedLaunch] = []
+        self.momentum = False
+        self.operands: tuple[list, list, list] | None = None
+        self.key: tuple | None = None
 
-    def run(self, group: dict) -> None:
+    def readdress(self, operands: tuple[list, list, list]) -> list | None:
+        """The base tensors of each fused launch, or None when the launches must be regrouped."""
+        params, grads, bufs = operands
+        if self.momentum:
+            bases = [launch.readdress(params, grads, bufs) for launch in self.launches]
+        else:  # no buffers: the parameters stand in for them, never written
+            bases = [launch.readdress(params, grads, params) for launch in self.launches]
+        return None if any(b is None for b in bases) else bases
+
+    def run(self, group: dict, operands: tuple[list, list, list], bases: list) -> None:
         hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
                      nesterov=group["nesterov"], clip_factor=group["clip_factor"], eps=group["eps"])
+        params, grads, bufs = operands
         if self.sharded.items:  # before any update: these units' norms need the other ranks' shards
             self.sharded.clip_(group["clip_factor"], group["eps"])
-        for w, g, buf, clip in self.unfused:
-            _ops.sgd_agc_torch(w, g, buf, clip=clip, **hyper)
-        for (backend, clip, *_), (ps, gs, bs) in self.fused.items():
-            _ops.sgd_agc_fused(backend, ps, gs, bs, clip=clip, **hyper)
+        for j, clip in self.unfused:
+            _ops.sgd_agc_torch(params[j], grads[j], bufs[j] if self.momentum else None, clip=clip, **hyper)
+        for launch, (p0, g0, b0) in zip(self.launches, bases):
+            _ops.sgd_agc_fused(launch.backend, launch.table, p0, g0, b0, clip=launch.clip, **hyper)
 
 
 def _aligned_buffer(name: str, p: torch.Tensor, buf: torch.Tensor, state: dict) -> torch.Tensor:
