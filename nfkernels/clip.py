@@ -173,13 +173,12 @@ class _ClipPlan:
     ``zero_grad(set_to_none=True)``), which only readdresses the fused launches' tables."""
 
     def __init__(self, backend_setting: str, layouts: tuple | None, torch_indices: list[int],
-                 launches: list[FusedLaunch], sharded: ShardedWholeUnits, operands: tuple[list, list]):
+                 launches: list[FusedLaunch], sharded: ShardedWholeUnits):
         self.backend_setting = backend_setting
         self.layouts = layouts  # None: not reusable (DTensors: their local shards are new tensors every call)
         self.torch_indices = torch_indices
         self.launches = launches
         self.sharded = sharded
-        self.operands = operands  # (weights, grads) as validated, for the call that built the plan
 
     def run(self, weights: Sequence, grads: Sequence, clip_factor: float, eps: float) -> bool:
         """Clip; False, with nothing written, when the fused launches must be regrouped first."""
@@ -197,10 +196,12 @@ class _ClipPlan:
 
 
 def _agc_plan(op: str, sequence: Sequence, params: list[torch.Tensor], backend_setting: str,
-              layouts: tuple | None) -> _ClipPlan:
+              layouts: tuple | None) -> tuple[_ClipPlan, tuple[list, list]]:
     """Validates every parameter and gradient (raising before anything is written) and sorts
     them into the torch path and fused launches: one per (device, gradient dtype and alignment,
-    weight dtype and alignment), on the backend that runs the op on that device."""
+    weight dtype and alignment), on the backend that runs the op on that device. Returns the plan
+    and the (weights, grads) it was made for (local shards for DTensors), which the plan does not
+    keep: a cached plan holding them would keep old gradients alive."""
     names = [name for name, _ in named_params(op, sequence)]
     weights: list = [None] * len(params)
     grads: list = [None] * len(params)
@@ -226,8 +227,8 @@ def _agc_plan(op: str, sequence: Sequence, params: list[torch.Tensor], backend_s
             continue
         groups.setdefault(_agc.group_key(g) + _agc.group_key(w)[1:], []).append(index)
     launches = fused_launches(op, backends, groups, grads, weights)
-    return _ClipPlan(backend_setting, layouts if _all_local(params) else None, torch_indices, launches, sharded,
-                     (weights, grads))
+    plan = _ClipPlan(backend_setting, layouts if _all_local(params) else None, torch_indices, launches, sharded)
+    return plan, (weights, grads)
 
 
 def _all_local(params: list[torch.Tensor]) -> bool:
@@ -241,13 +242,11 @@ def _tensors(op: str, parameters: object) -> tuple[list, list[torch.Tensor]]:
     param groups go through ``named_params``."""
     if isinstance(parameters, torch.Tensor):
         return [parameters], [parameters]
+    sequence = parameters
     if isinstance(parameters, Iterable) and not isinstance(parameters, (str, bytes, dict)):
         sequence = parameters if isinstance(parameters, (list, tuple)) else list(parameters)
-        if all(isinstance(p, torch.Tensor) for p in sequence):
-            if len(set(map(id, sequence))) == len(sequence):
-                return sequence, list(sequence)
-    else:
-        sequence = parameters
+        if all(isinstance(p, torch.Tensor) for p in sequence) and len(set(map(id, sequence))) == len(sequence):
+            return sequence, list(sequence)
     return sequence, [p for _, p in named_params(op, sequence)]
 
 
@@ -300,12 +299,12 @@ def agc_(parameters, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
         _agc_plans.move_to_end(key)
         if plan.run(params, grads, clip_factor, eps):
             return
-    plan = _agc_plan(op, sequence, params, backend_setting, layouts)
+    plan, operands = _agc_plan(op, sequence, params, backend_setting, layouts)
     if plan.layouts is not None:
         _agc_plans[key] = plan
         while len(_agc_plans) > PLAN_CACHE_SIZE:
             _agc_plans.popitem(last=False)
-    if not plan.run(*plan.operands, clip_factor, eps):
+    if not plan.run(*operands, clip_factor, eps):
         raise RuntimeError(f"{op}: internal error: a fresh plan's tables do not fit its tensors")
 
 

@@ -63,3 +63,17 @@ def reference_data_path(name: str = "timm_nfnet_tiny.pt") -> Path:
     if not path.exists():
         pytest.fail(f"reference data {path} is missing: it ships with the repository (tests/data/README.md)")
     return path
+
+
+def nfnet_with_live_branches(config, dtype=torch.float32, num_classes: int = 10):
+    """An NFNet of ``config`` on DEVICE (seeded), with SkipInit gains and biases drawn from
+    N(0, 0.5²): at their zero init they would hide most of the network from a comparison."""
+    from nfkernels.models import NFNet
+
+    torch.manual_seed(0)
+    model = NFNet(config, num_classes=num_classes).to(DEVICE, dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("skipinit_gain") or name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    return model

@@ -339,6 +339,23 @@ def test_default_arguments_are_the_papers():
     assert sig.parameters["clip_factor"].default == 0.01 and math.isclose(sig.parameters["eps"].default, 1e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_plan_does_not_keep_gradients_alive(backend):
+    """After zero_grad(set_to_none=True) the old gradients must be freed: a cached plan holding
+    them would double the gradients' memory."""
+    import gc
+
+    params = [p for p in random_params(torch.float32, seed=8) if p.grad is not None]
+    with nfk.use_backend(backend):
+        nfk.agc_(params)
+    storages = [p.grad.untyped_storage() for p in params]
+    for p in params:
+        p.grad = None
+    gc.collect()
+    # Only this test's reference to each old gradient's memory is left.
+    assert [torch._C._storage_Use_Count(st._cdata) for st in storages] == [1] * len(storages)
+
+
 def test_tables_read_by_a_captured_graph_are_never_freed():
     """A CUDA graph holds the raw addresses of the tables it read: readdressing a captured table
     must keep the old addresses table alive (the new one is not captured)."""

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import nfkernels as nfk
-from nfkernels.models import NFNet, NFNetFeatures, TINY_CONFIG
+from nfkernels.models import NFNetFeatures, TINY_CONFIG
 from nfkernels.nn import WSConv2d, freeze_standardized_weights
 from nfkernels.ops import _utils
 from nfkernels.ops import weight_standardize as ws_op
-from nfk_testing import DEVICE, assert_close, backends_for, rel_err, tolerance
+from nfk_testing import DEVICE, assert_close, backends_for, nfnet_with_live_branches, rel_err, tolerance
 from test_weight_standardize import reference  # float64 math from the formula (docs/design.md §5.1)
 
 nfnet_module = importlib.import_module("nfkernels.models.nfnet")  # the package exports a function of that name
@@ -211,13 +211,7 @@ MICRO_CONFIG = replace(TINY_CONFIG, channels=(16, 16, 32, 32), stem_chs=16, grou
 
 
 def micro_nfnet(dtype=torch.float32):
-    torch.manual_seed(0)
-    model = NFNet(MICRO_CONFIG, num_classes=10).to(DEVICE, dtype)
-    with torch.no_grad():  # SkipInit and zero biases would hide most of the network
-        for name, p in model.named_parameters():
-            if name.endswith("skipinit_gain") or name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-    return model
+    return nfnet_with_live_branches(MICRO_CONFIG, dtype)
 
 
 class WSLaunches:

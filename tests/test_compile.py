@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 import nfkernels as nfk
-from nfkernels.models.nfnet import NFNet, TINY_CONFIG as TINY
+from nfkernels.models.nfnet import TINY_CONFIG as TINY
 from nfkernels.nn import ScaledAct, SqueezeExcite, WSConv2d
-from nfk_testing import DEVICE, ON_GPU, assert_close, backends_for
+from nfk_testing import DEVICE, ON_GPU, assert_close, backends_for, nfnet_with_live_branches
 
 BACKENDS = backends_for(("torch", "triton"))
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
@@ -115,13 +115,7 @@ def test_compile_fullgraph_conv_act_se(backend):
 
 
 def _tiny_nfnet(dtype=torch.float32):
-    torch.manual_seed(0)
-    model = NFNet(TINY, num_classes=10).to(DEVICE, dtype)
-    with torch.no_grad():  # SkipInit and zero biases would hide most of the network
-        for name, p in model.named_parameters():
-            if name.endswith("skipinit_gain") or name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-    return model
+    return nfnet_with_live_branches(TINY, dtype)
 
 
 def test_compile_fullgraph_tiny_nfnet_cpu():
