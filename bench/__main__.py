@@ -3,7 +3,8 @@
     python -m bench [--quick] [--only NAME ...]
 
 Each benchmark writes bench/results/<name>_<device>.json, .md and .png (the chart where matplotlib
-is installed); this prints the tables as they come and ends with a summary of every file written.
+is installed); kernel_report, which times nothing, writes kernel_report[_quick]_sm90a.json and .md.
+This prints the tables as they come and ends with a summary of every file written.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ BENCHMARKS = [
     ("agc", "bench_agc", [[]]),
     ("train_step", "train_step", [["--variant", v] + fmt for v in ("f0", "f1") for fmt in ([], ["--channels-last"])]),
     ("step_profile", "step_profile", [[]]),
+    # No timing: what the kernels of an F0 step compile to on sm_90a (needs no GPU; --quick: NCHW only).
+    ("kernel_report", "kernel_report", [[]]),
 ]
 
 

@@ -65,6 +65,22 @@ def make_params(shapes, device, dtype):
     return params
 
 
+def launch_geometry(shapes, itemsize: int = 4) -> dict:
+    """The fused launch over aligned parameters of ``shapes`` and ``itemsize``: units, single-element
+    units, Triton programs and the fraction of their lanes that hold an element (nfkernels.ops.agc)."""
+    import numpy as np
+
+    from nfkernels.ops import agc as agc_ops
+
+    units = np.array([shape[0] if len(shape) > 1 else 1 for _, shape in shapes], dtype=np.int64)
+    numels = np.array([int(torch.Size(shape).numel()) for _, shape in shapes], dtype=np.int64)
+    layout = agc_ops.row_layout(units, numels // np.maximum(units, 1), (itemsize, itemsize))
+    elements, lanes = layout.lanes()
+    programs = -(-layout.n_singles // layout.flat_block) + layout.vector.programs() + layout.scalar.programs()
+    return {"units": layout.n_units, "single_element_units": layout.n_singles, "triton_programs": programs,
+            "active_lanes": round(elements / lanes, 4)}
+
+
 def fused_sgd_available(device: torch.device) -> bool:
     try:
         p = torch.nn.Parameter(torch.zeros(2, device=device))
@@ -150,8 +166,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if r["case"] == case:
                 r["speedup_vs_ref"] = ref_ms / r["ms"]
 
+    geometry = launch_geometry(clip_shapes, itemsize)
+    print(f"fused launch: {geometry['units']} units ({geometry['single_element_units']} single elements), "
+          f"{geometry['triton_programs']} Triton programs, {geometry['active_lanes']:.1%} of their lanes busy")
     meta = {**environment(device), "dtype": args.dtype, "shapes": "F0 / 4 (quick)" if quick else "F0",
             "clipped_params_M": round(n_clip / 1e6, 3), "copy_GB/s": copy_gbs,
+            **{f"launch_{k}": v for k, v in geometry.items()},
             "note": "agc_ rows include restoring the gradients (one copy of G) in every call"}
     path = write_results("agc" + ("_quick" if quick else ""), rows, COLUMNS, meta, device, notes=NOTES,
                          reference=reference)

@@ -3,6 +3,14 @@ tail (conv3 bias, SE, ×attn_gain, ×skipinit_gain, ×alpha, + shortcut) and tor
 NFNet-F0's block-output shapes.
 
     python -m bench.bench_se_gate [--quick] [--dtype bfloat16] [--channels-last]
+
+Bytes, in passes over one activation tensor (N·C·H·W elements): the floor, what any
+implementation must move, is 3 forward (read h and the shortcut, write out) and 6 forward +
+backward (also read dout and h, write dh; the shortcut's gradient is dout itself). nfkernels'
+kernels make 4 and 8: the pooling reads h before the gate can read it again, and the backward
+reduction reads dout before the streaming kernel reads it again. `GB/s` and `frac_copy_bw` count
+the floor (how close a provider comes to it); `moved_GB/s` counts the passes the fused kernels
+make (the bandwidth they reach), for the nfkernels Triton and CUDA rows.
 """
 from __future__ import annotations
 
@@ -15,6 +23,29 @@ from bench.common import (COLUMNS, activation_bench_meta, activation_bench_setup
                           write_results)
 
 ALPHA, ATTN_GAIN = 0.2, 2.0
+# Passes over the activation tensor, per direction (module docstring). The fused kernels' (N, C)
+# traffic (pooled sums, the reductions' per-split partial sums, the SE MLP) is left out: under 1%
+# at F0's shapes.
+FLOOR_PASSES = {"fwd": 3, "fwd+bwd": 6}
+FUSED_PASSES = {"fwd": 4, "fwd+bwd": 8}
+FUSED_PROVIDERS = ("nfkernels triton", "nfkernels cuda")
+SE_COLUMNS = COLUMNS[:5] + ["floor_MB", "GB/s", "frac_copy_bw", "moved_MB", "moved_GB/s"] + COLUMNS[7:]
+BYTES_NOTE = ("`floor_MB` is what any implementation must move (3 passes over the activation forward, 6 forward + "
+              "backward), the bytes `GB/s` counts; `frac_copy_bw` is thus the fraction of the bandwidth floor a "
+              "provider reaches. `moved_MB` is what nfkernels' fused kernels move (4 and 8 passes: the pooling and the "
+              "backward reduction each read a tensor the next kernel reads again), `moved_GB/s` the bandwidth they "
+              "reach doing it; their (N, C) traffic (pooled sums, partial sums, the SE MLP) is under 1% and left out. "
+              "Blank for providers whose traffic is not counted.")
+
+
+def add_bytes(rows: list[dict], tensor_bytes: int) -> None:
+    """floor_MB on every row; moved_MB and moved_GB/s on the fused kernels' rows."""
+    for row in rows:
+        direction = "fwd+bwd" if row["case"].endswith("fwd+bwd") else "fwd"
+        row["floor_MB"] = FLOOR_PASSES[direction] * tensor_bytes / 1e6
+        moved = FUSED_PASSES[direction] * tensor_bytes if row["provider"] in FUSED_PROVIDERS else None
+        row["moved_MB"] = moved / 1e6 if moved is not None else None
+        row["moved_GB/s"] = moved / (row["ms"] * 1e-3) / 1e9 if moved is not None else None
 NOTES = {
     "eager": "timm NormFreeBlock's tail after conv3, written out: bias add, squeeze-excite, x attn_gain, "
              "x skipinit_gain, x alpha, + shortcut; eager mode",
@@ -83,12 +114,14 @@ def main(argv=None) -> list[dict]:
         if compiled is not None:
             impls["torch.compile"] = compiled
         tensor_bytes = inputs[0].numel() * args.esize
-        # forward floor: read h and shortcut, write out; backward: read dout and h, write dh
-        rows += compare_fwd_and_bwd(f"{name} {tuple(shape)}", impls, inputs, dout, 3 * tensor_bytes,
-                                    6 * tensor_bytes, args.device, args.copy_gbs)
+        case_rows = compare_fwd_and_bwd(f"{name} {tuple(shape)}", impls, inputs, dout,
+                                        FLOOR_PASSES["fwd"] * tensor_bytes, FLOOR_PASSES["fwd+bwd"] * tensor_bytes,
+                                        args.device, args.copy_gbs)
+        add_bytes(case_rows, tensor_bytes)
+        rows += case_rows
     name = "se_gate_" + ("channels_last" if args.channels_last else "nchw")
-    path = write_results(name, rows, COLUMNS, activation_bench_meta(args), args.device, notes=NOTES,
-                         reference=reference_provider({r["provider"] for r in rows}))
+    path = write_results(name, rows, SE_COLUMNS, activation_bench_meta(args), args.device, notes=NOTES,
+                         reference=reference_provider({r["provider"] for r in rows}), appendix=BYTES_NOTE)
     print(path.read_text())
     return rows
 

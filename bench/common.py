@@ -134,15 +134,15 @@ def sig(value: float, digits: int = 3) -> str:
 
 def fmt(column: str, value) -> str:
     """A cell as a person reads it: ms to 3 significant digits, GB/s, MB and images/s to 0.1,
-    ratios to 0.01, losses to 0.001; other floats to 3 significant digits."""
+    ratios to 0.01 (0.1 from 100 up), losses to 0.001; other floats to 3 significant digits."""
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)
     if column in _ONE_DECIMAL:
         return f"{value:.1f}"
-    if column in _TWO_DECIMALS:
-        return f"{value:.2f}"
+    if column in _TWO_DECIMALS:  # to 0.01; from 100 up, 0.1 (five digits would claim too much)
+        return f"{value:.2f}" if abs(value) < 99.995 else f"{value:.1f}"
     if column.startswith("loss"):
         return f"{value:.3f}"
     return sig(value)

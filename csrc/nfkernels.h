@@ -12,13 +12,15 @@ enum class DType { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
 // Unit-wise Adaptive Gradient Clipping (Brock et al. 2021, §4.1; timm adaptive_clip_grad) of
 // every unit row in one launch. `rows` (device, n_units x 3 int64) holds per unit its tensor t,
-// its first element within that tensor and its length; `bases` (device, n_tensors x 2 int64)
-// holds per tensor the offsets of its gradient and weight (elements from grad / weight). Per unit:
-// ||W||* = max(||W||, eps); unless ||G|| < clip_factor ||W||*,
-// G <- G * clip_factor ||W||* / max(||G||, 1e-6). The gradient and weight dtypes may differ; norms
-// accumulate in fp32 (fp64 when either is fp64).
+// its first element within that tensor and its length: the n_singles units of length 1 first,
+// then the others by decreasing length; `bases` (device, n_tensors x 2 int64) holds per tensor
+// the offsets of its gradient and weight (elements from grad / weight). row_cols (a power of two)
+// sizes the lane groups of the rows (agc_rows.cuh). Per unit: ||W||* = max(||W||, eps); unless
+// ||G|| < clip_factor ||W||*, G <- G * clip_factor ||W||* / max(||G||, 1e-6). The gradient and
+// weight dtypes may differ; norms accumulate in fp32 (fp64 when either is fp64).
 cudaError_t agc(DType grad_dtype, DType weight_dtype, void* grad, const void* weight, const int64_t* rows,
-                const int64_t* bases, int64_t n_units, double clip_factor, double eps, cudaStream_t stream);
+                const int64_t* bases, int64_t n_units, int64_t n_singles, int64_t row_cols, double clip_factor,
+                double eps, cudaStream_t stream);
 
 // Scalars are double so fp64 parameters keep fp64 hyper-parameters; kernels of other dtypes
 // round them once to their accumulation type.
@@ -27,16 +29,16 @@ struct SgdAgcOptions {
   bool clip, has_momentum, nesterov;
 };
 
-// SGD (torch.optim.SGD semantics, no dampening) with AGC, one pass per unit row. `rows` as for
-// agc; `bases` (device, n_tensors x 3 int64): per tensor its param, grad and momentum-buffer
-// offsets (elements from param / grad / momentum_buffer). Per row:
+// SGD (torch.optim.SGD semantics, no dampening) with AGC, one pass per unit row. `rows`,
+// n_singles and row_cols as for agc; `bases` (device, n_tensors x 3 int64): per tensor its param,
+// grad and momentum-buffer offsets (elements from param / grad / momentum_buffer). Per row:
 // g <- s g (s the AGC factor when clip); g <- g + wd p; buf <- m buf + g (the caller zero-fills
 // buf before the first step, so that is buf <- g); nesterov: g <- g + m buf, else g <- buf;
 // p <- p - lr g. buf (param_dtype) is unused without momentum. The gradient's dtype may differ
 // from the parameter's; the math runs in fp32 (fp64 when either is fp64).
 cudaError_t sgd_agc(DType param_dtype, DType grad_dtype, void* param, const void* grad, void* momentum_buffer,
-                    const int64_t* rows, const int64_t* bases, int64_t n_rows, const SgdAgcOptions& options,
-                    cudaStream_t stream);
+                    const int64_t* rows, const int64_t* bases, int64_t n_units, int64_t n_singles, int64_t row_cols,
+                    const SgdAgcOptions& options, cudaStream_t stream);
 
 
 // ---------------------------------------------------------------------------------------------
@@ -83,12 +85,15 @@ struct ChannelParam {
 cudaError_t scaled_act_fwd(DType dtype, Activation act, const void* x, ChannelParam bias, void* y,
                            const MatrixView& view, double coeff, cudaStream_t stream);
 
-// Accumulation-dtype elements of the workspace scaled_act_bwd needs for dbias (its partial sums).
+// Accumulation-dtype elements of the workspace scaled_act_bwd needs for dbias (partial sums and
+// counters of channel blocks split over several blocks; 0 when none is split).
 int64_t scaled_act_bwd_workspace(DType dtype, const MatrixView& view);
 
 // dx = dy·coeff·f'(x + b_c) (dy, x, dx share the view and dtype); when dbias is not null also
-// dbias_c = Σ of dx over every element of channel c (accumulation dtype), written
-// deterministically: partial sums into `workspace`, then a fixed-order sum (no atomics).
+// dbias_c = Σ of dx over every element of channel c, accumulated in the accumulation dtype and
+// written in bias's dtype, deterministically inside the kernel (fixed-order sums; a split channel
+// block's partial sums go through `workspace`, whose counters this zeroes first, and are added by
+// the block that finishes last; no float atomics). workspace may be null when its size is 0.
 cudaError_t scaled_act_bwd(DType dtype, Activation act, const void* dy, const void* x, ChannelParam bias, void* dx,
                            void* dbias, void* workspace, const MatrixView& view, double coeff, cudaStream_t stream);
 
@@ -102,9 +107,16 @@ struct SeShape {
   bool channels_last;
 };
 
-// pool_{n,c} = mean_hw h + b_c.
-cudaError_t se_pool(DType dtype, const void* h, ChannelParam bias, void* pool, const SeShape& shape,
-                    cudaStream_t stream);
+// The HW reductions (se_pool, se_gate_bwd_reduce) split HW where batch × channels alone would
+// run fewer than min_blocks blocks (the caller passes e.g. 2 × the SM count); this is their
+// number of splits, a function of its arguments only. Each launch takes min_blocks and this
+// count back (its workspace is sized by it) and refuses a count its plan does not give.
+int64_t se_reduce_splits(DType dtype, const SeShape& shape, int64_t min_blocks);
+
+// pool_{n,c} = mean_hw h + b_c. With splits > 1 the splits' partial sums go to `partial`
+// ((splits, n, c), accumulation dtype) and a second kernel adds them in split order.
+cudaError_t se_pool(DType dtype, const void* h, ChannelParam bias, void* pool, void* partial, int64_t min_blocks,
+                    int64_t splits, const SeShape& shape, cudaStream_t stream);
 
 // The gate of one call, formed inside the kernels per (n, c): u = gain·m_n·σ(z_{n,c}) (gain·m_n
 // without SE) and coef = k·u, with gain = α·attn_gain (α without SE), z = logits ((n, c),
@@ -117,27 +129,28 @@ struct SeGate {
   double gain;
 };
 
-// The backward reduction's (n, c) terms in the accumulation dtype, with S1 = Σ_hw dout and
-// S2 = Σ_hw dout·(h + b_c): s1 = S1, coef_s1 = coef·S1, s2_u = S2·u and, with SE (else null),
-// dz = S2·k·gain·m_n·σ(z)σ(−z).
-struct SeGradTerms {
-  void* s1;
-  void* coef_s1;
-  void* s2_u;
+// The backward reduction's outputs in the accumulation dtype: `sums` (2, splits, n, c) holds
+// S1 = Σ dout over each split of hw, then S2 = Σ dout·(h + b_c); with SE (else null) dz (n, c) =
+// S2·k·gain·m_n·σ(z)σ(−z) of the whole S2.
+struct SeGradSums {
+  void* sums;
   void* dz;
+  int64_t splits;
 };
 
 // out = shortcut + sb_c + coef_{n,c}·(h + b_c); shortcut may be null.
 cudaError_t se_gate_fwd(DType dtype, const void* h, const void* shortcut, const SeGate& gate, ChannelParam bias,
                         ChannelParam shortcut_bias, void* out, const SeShape& shape, cudaStream_t stream);
-// Writes `terms` (dz only with SE).
+// Writes `sums` (dz with SE), in two kernels where there are several splits and SE.
 cudaError_t se_gate_bwd_reduce(DType dtype, const void* dout, const void* h, ChannelParam bias, const SeGate& gate,
-                               const SeGradTerms& terms, const SeShape& shape, cudaStream_t stream);
+                               const SeGradSums& sums, int64_t min_blocks, const SeShape& shape, cudaStream_t stream);
 // dh = dout·coef_{n,c} + dpool_{n,c}/hw, and per channel, summed over samples (accumulation
-// dtype): dshortcut_bias = Σ s1, dbias = Σ (coef_s1 + dpool), dskip_partial = Σ s2_u and, with SE,
-// dfc2_bias = Σ dz. dpool ((n, c), accumulation dtype) and dfc2_bias are null without SE.
-cudaError_t se_gate_bwd(DType dtype, const void* dout, const SeGate& gate, const SeGradTerms& terms, const void* dpool,
-                        void* dh, void* dshortcut_bias, void* dbias, void* dskip_partial, void* dfc2_bias,
-                        const SeShape& shape, cudaStream_t stream);
+// dtype), with S1, S2 of each (n, c) added over the splits of `sums` and u = gain·m_n·σ(z):
+// dshortcut_bias = Σ S1, dbias = Σ (k·u·S1 + dpool), dskip_partial = Σ S2·u and, with SE,
+// dfc2_bias = Σ dz and dfc1_bias = Σ da per hidden unit (da (n, rd), the gradient of the SE's
+// hidden pre-activations). dpool ((n, c)), da, dfc2_bias and dfc1_bias are null without SE.
+cudaError_t se_gate_bwd(DType dtype, const void* dout, const SeGate& gate, const SeGradSums& sums, const void* dpool,
+                        const void* da, int64_t rd, void* dh, void* dshortcut_bias, void* dbias, void* dskip_partial,
+                        void* dfc2_bias, void* dfc1_bias, const SeShape& shape, cudaStream_t stream);
 
 }  // namespace nfk

@@ -6,124 +6,134 @@
 namespace nfk {
 namespace {
 
-// Backward programs with channels on columns each cover a group of row tiles, so that at most
-// this many partial dbias rows are written (scaled_act.py MAX_ROW_GROUPS).
-constexpr int64_t kMaxRowGroups = 1024;
+// dbias, written in the bias's dtype: T, or float32 next to fp16/bf16 activations.
+template <typename T>
+struct ParamOut {
+  void* data;
+  bool is_float;
 
-// dx = dy·coeff·f'(x + b_c), and with `partial` the deterministic partial sums of dx for dbias
-// (no atomics; sum_partials_kernel adds them in a fixed order):
-//   channel_on_rows: partial[r] = Σ_k dx[r, k]; each work item is one row tile and walks every
-//                    column tile, so a row's sum is formed inside one block;
-//   otherwise:       partial[g, k] = Σ of dx[r, k] over the rows of row group g (tiles_per_group
-//                    consecutive row tiles); work items are (row group, column tile).
-// Source: _scaled_act_bwd_kernel.
-template <Activation A, typename T>
-__global__ void __launch_bounds__(kThreads)
-    scaled_act_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, ParamPtr<T> bias, T* __restrict__ dx,
-                          typename AccType<T>::type* __restrict__ partial, Tiles t, int64_t channels,
-                          bool channel_on_rows, typename AccType<T>::type coeff, int64_t tiles_per_group) {
-  using Acc = typename AccType<T>::type;
-  constexpr int V = vec_width<T>();
-  __shared__ Acc scratch[kThreads / kWarp];
-  const int tk = threadIdx.x % t.threads_k, tr = threadIdx.x / t.threads_k;
-  const bool row_partials = partial != nullptr && channel_on_rows;
-  const bool col_partials = partial != nullptr && !channel_on_rows;
-  const bool column_bias = bias.data != nullptr && !channel_on_rows;
-  const bool row_bias = bias.data != nullptr && channel_on_rows;
-  const int64_t col_chunks = row_partials ? 1 : t.col_tiles;
-  const int64_t groups = ceil_div(t.row_tiles, tiles_per_group);
-  // Loop bounds below depend on the work item only, so every thread reaches the block-wide
-  // reductions together.
-  for (int64_t item = blockIdx.x; item < groups * col_chunks; item += gridDim.x) {
-    const int64_t group = item / col_chunks;
-    const int64_t first_ct = row_partials ? 0 : item % col_chunks;
-    const int64_t last_ct = row_partials ? t.col_tiles : first_ct + 1;
-    Acc b[V] = {}, col_sums[V] = {};
-    const int64_t own_col = (first_ct * t.threads_k + tk) * V;
-    if (column_bias) {
-#pragma unroll
-      for (int e = 0; e < V; ++e) b[e] = own_col + e < t.cols ? bias.template load<Acc>(own_col + e) : Acc(0);
-    }
-    const int64_t last_tile = (group + 1) * tiles_per_group < t.row_tiles ? (group + 1) * tiles_per_group : t.row_tiles;
-    for (int64_t rt = group * tiles_per_group; rt < last_tile; ++rt) {
-      for (int s = 0; s < kRowSteps; ++s) {
-        const int64_t row = rt * t.tile_rows() + static_cast<int64_t>(s) * t.threads_r + tr;
-        const bool row_ok = row < t.rows;
-        const Acc rb = row_bias && row_ok ? bias.template load<Acc>(row % channels) : Acc(0);
-        Acc row_sum_part = 0;
-        for (int64_t ct = first_ct; ct < last_ct; ++ct) {
-          const int64_t col = (ct * t.threads_k + tk) * V;
-          if (!row_ok || col >= t.cols) continue;
-          const int64_t i = row * t.cols + col, end = (row + 1) * t.cols;
-          Acc z[V], g[V];
-          load_acc<V>(x, i, end, t.vector, z);
-          load_acc<V>(dy, i, end, t.vector, g);
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            g[e] = col + e < t.cols ? g[e] * coeff * act_grad<A>(z[e] + b[e] + rb) : Acc(0);
-            row_sum_part += g[e];
-            col_sums[e] += g[e];
-          }
-          store_acc<V>(dx, i, end, t.vector, g);
-        }
-        if (row_partials) {
-          const Acc total = row_sum(row_sum_part, t.threads_k, scratch);
-          if (tk == 0 && row_ok) partial[row] = total;
-        }
-      }
-    }
-    if (col_partials) {
-      column_sums<V>(col_sums, t.threads_k, t.threads_r);
-      if (tr == 0) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          if (own_col + e < t.cols) partial[group * t.cols + own_col + e] = col_sums[e];
-        }
-      }
+  template <typename Acc>
+  __device__ __forceinline__ void store(int64_t i, Acc v) const {
+    if (is_float) {
+      static_cast<float*>(data)[i] = static_cast<float>(v);
+    } else {
+      static_cast<T*>(data)[i] = from_acc<T>(v);
     }
   }
-}
-
-// out[c] = Σ_{a < outer} partial[a·stride + c], a in increasing order: the fixed-order second
-// stage of the dbias reduction (and of nothing else).
-template <typename Acc>
-__global__ void __launch_bounds__(kThreads)
-    sum_partials_kernel(const Acc* __restrict__ partial, Acc* __restrict__ out, int64_t n_out, int64_t outer,
-                        int64_t stride) {
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < n_out;
-       c += static_cast<int64_t>(gridDim.x) * kThreads) {
-    Acc total = 0;
-    for (int64_t a = 0; a < outer; ++a) total += partial[a * stride + c];
-    out[c] = total;
-  }
-}
-
-// The backward's work split, shared by the workspace query and the launch.
-struct BwdPlan {
-  Tiles tiles;
-  int64_t tiles_per_group, groups;
-  int64_t workspace;  // partial sums for dbias, in accumulation-dtype elements
 };
 
-template <typename T>
-BwdPlan plan_bwd(const MatrixView& view, bool operands_aligned) {
-  constexpr int V = vec_width<T>();
-  BwdPlan p{};
-  p.tiles = make_tiles<V>(view.rows, view.cols, kThreads, operands_aligned);
-  p.tiles_per_group = view.channel_on_rows ? 1 : ceil_div(p.tiles.row_tiles, kMaxRowGroups);
-  p.groups = ceil_div(p.tiles.row_tiles, p.tiles_per_group);
-  p.workspace = view.channel_on_rows ? view.rows : p.groups * view.cols;
-  return p;
+// dbias_c = Σ_g partial[g·C + c] for the channels of `block`, by the block that counted last:
+// each of kThreads / block_channels lanes per channel adds groups g ≡ lane (mod lanes) in
+// increasing g, then a fixed tree adds the lanes. Loads bypass L1 (.cg), where a line read
+// before the other blocks' stores could be stale.
+template <typename T, typename Acc>
+__device__ void finish_dbias(const Acc* __restrict__ partial, ParamOut<T> dbias, const ActPlan& p, int64_t block) {
+  __shared__ Acc lane_sums[kThreads];
+  const int width = static_cast<int>(p.block_channels);  // a power of two, at most kThreads
+  const int u = threadIdx.x % width, lane = threadIdx.x / width, lanes = kThreads / width;
+  const int64_t c = block * width + u;
+  Acc s = 0;
+  if (c < p.c) {
+    for (int64_t g = lane; g < p.groups; g += lanes) s += __ldcg(partial + g * p.c + c);
+  }
+  lane_sums[threadIdx.x] = s;
+  __syncthreads();
+  for (int half = lanes / 2; half > 0; half >>= 1) {
+    if (lane < half) lane_sums[threadIdx.x] += lane_sums[threadIdx.x + half * width];
+    __syncthreads();
+  }
+  if (lane == 0 && c < p.c) dbias.store(c, lane_sums[u]);
 }
 
+// dx = dy·coeff·f'(x + b_c) over the (n, c, hw) view, a block per (channel block, group) of the
+// ActPlan, and, when dbias is given, dbias_c = Σ of dx over dims 0 and 2, finished here in a
+// fixed order (no float atomics): each thread sums its own elements (all of its channel, or of
+// its V channels), the threads of a slot are added by row_sum / column_sums, and a channel block
+// that is one group writes dbias. Split into groups, each writes partial[group·C + c], counts
+// itself in counters[block] (zeroed by the launcher), and the block that counts last adds the
+// partials (finish_dbias), whichever block it is. Source: _scaled_act_bwd_kernel.
+template <Activation A, typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    scaled_act_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, ParamPtr<T> bias, T* __restrict__ dx,
+                          ParamOut<T> dbias, typename AccType<T>::type* __restrict__ partial,
+                          unsigned* __restrict__ counters, ActPlan p, typename AccType<T>::type coeff) {
+  using Acc = typename AccType<T>::type;
+  __shared__ Acc scratch[kThreads / kWarp];
+  __shared__ unsigned ticket;
+  ActThread w(p, V, threadIdx.x, blockIdx.x, blockIdx.y);
+  Acc b[V], sums[V] = {};
+  load_channel_bias<V>(bias, p, w.channel, b);
+#pragma unroll(kWalkUnroll<T>)
+  for (; w.more(); w.next(p)) {
+    const int64_t i = w.start(V), end = w.stop();
+    Acc z[V], g[V];
+    load_acc<V>(x, i, end, p.vector, z);
+    load_acc<V>(dy, i, end, p.vector, g);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      g[e] = p.vector || i + e < end ? g[e] * coeff * act_grad<A>(z[e] + b[e]) : Acc(0);
+      sums[e] += g[e];
+    }
+    store_acc<V>(dx, i, end, p.vector, g);
+  }
+  if (dbias.data == nullptr) return;
+  // Every thread reaches the block-wide sums below (the branches are uniform).
+  if (p.channel_on_rows) {
+    Acc s = 0;
+#pragma unroll
+    for (int e = 0; e < V; ++e) s += sums[e];
+    sums[0] = row_sum(s, p.lanes, scratch);
+  } else {
+    column_sums<V>(sums, p.slots, p.lanes);
+  }
+  // Lane 0 of a slot holds its sums: of one channel (channels on rows) or of V.
+  const int outputs = p.channel_on_rows ? 1 : V;
+  if (p.groups == 1) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      if (w.lane == 0 && e < outputs && w.channel + e < p.c) dbias.store(w.channel + e, sums[e]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    if (w.lane == 0 && e < outputs && w.channel + e < p.c) partial[blockIdx.y * p.c + w.channel + e] = sums[e];
+  }
+  __threadfence();  // the partial sums are visible device-wide before the count below
+  __syncthreads();
+  if (threadIdx.x == 0) ticket = atomicAdd(counters + blockIdx.x, 1u);
+  __syncthreads();
+  if (ticket == p.groups - 1) {
+    __threadfence();  // acquire: the other groups' partial sums, counted before ours
+    finish_dbias(partial, dbias, p, blockIdx.x);
+  }
+}
+
+// The largest workspace any vector width of `view` needs (the width depends on the operands'
+// alignment, which the query does not see).
+template <typename T>
+int64_t bwd_workspace(const MatrixView& view) {
+  using Acc = typename AccType<T>::type;
+  constexpr int V = vec_width<T>();
+  int64_t size = 0;
+  for (const int vec : {V, V / 2 > 0 ? V / 2 : 1}) {
+    const ActPlan p = make_act_plan(view, vec, true, sizeof(T), true);
+    if (p.groups > 1) {
+      const int64_t need = p.groups * p.c + ceil_div(p.channel_blocks * static_cast<int64_t>(sizeof(unsigned)),
+                                                     static_cast<int64_t>(sizeof(Acc)));
+      if (need > size) size = need;
+    }
+  }
+  return size;
+}
 
 }  // namespace
 
 int64_t scaled_act_bwd_workspace(DType dtype, const MatrixView& view) {
-  if (!valid_view(view)) return 0;
+  if (!valid_view(view) || view.rows == 0) return 0;
   int64_t size = 0;
   with_type(dtype, [&](auto tag) {
-    size = plan_bwd<decltype(tag)>(view, false).workspace;
+    size = bwd_workspace<decltype(tag)>(view);
     return cudaSuccess;
   });
   return size;
@@ -131,31 +141,35 @@ int64_t scaled_act_bwd_workspace(DType dtype, const MatrixView& view) {
 
 cudaError_t scaled_act_bwd(DType dtype, Activation act, const void* dy, const void* x, ChannelParam bias, void* dx,
                            void* dbias, void* workspace, const MatrixView& view, double coeff, cudaStream_t stream) {
-  if (!valid_view(view) || (dbias != nullptr && (bias.data == nullptr || workspace == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  if (view.rows == 0) return cudaSuccess;
+  if (!valid_view(view) || (dbias != nullptr && bias.data == nullptr)) return cudaErrorInvalidValue;
   return with_type(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename AccType<T>::type;
-    constexpr int V = vec_width<T>();
-    const bool aligned = pack_aligned<T, V>(dy) && pack_aligned<T, V>(x) && pack_aligned<T, V>(dx);
-    const BwdPlan p = plan_bwd<T>(view, aligned);
-    Acc* partial = dbias != nullptr ? static_cast<Acc*>(workspace) : nullptr;
-    const int64_t items = p.groups * (partial != nullptr && view.channel_on_rows ? 1 : p.tiles.col_tiles);
-    cudaError_t err = with_activation(act, [&](auto a) {
-      scaled_act_bwd_kernel<decltype(a)::value, T><<<grid_for(items), kThreads, 0, stream>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(x), param_ptr<T>(bias), static_cast<T*>(dx), partial, p.tiles,
-          view.channels, view.channel_on_rows, static_cast<Acc>(coeff), p.tiles_per_group);
-      return cudaGetLastError();
+    if (view.rows == 0) {  // dbias of an empty tensor: zeros (all-zero bits in every float dtype)
+      const size_t size = bias.is_float ? sizeof(float) : sizeof(T);
+      return dbias != nullptr ? cudaMemsetAsync(dbias, 0, view.channels * size, stream) : cudaSuccess;
+    }
+    return with_vector_width<T>(view, {dy, x, dx}, [&](auto width, bool vector) {
+      constexpr int V = decltype(width)::value;
+      const ActPlan p = make_act_plan(view, V, vector, sizeof(T), dbias != nullptr);
+      Acc* partial = nullptr;
+      unsigned* counters = nullptr;
+      if (dbias != nullptr && p.groups > 1) {
+        if (workspace == nullptr) return cudaErrorInvalidValue;
+        partial = static_cast<Acc*>(workspace);
+        counters = reinterpret_cast<unsigned*>(partial + p.groups * p.c);
+        const cudaError_t err = cudaMemsetAsync(counters, 0, p.channel_blocks * sizeof(unsigned), stream);
+        if (err != cudaSuccess) return err;
+      }
+      if (p.channel_blocks > kMaxGridX) return cudaErrorInvalidValue;
+      const dim3 grid(static_cast<unsigned>(p.channel_blocks), static_cast<unsigned>(p.groups));
+      return with_activation(act, [&](auto a) {
+        scaled_act_bwd_kernel<decltype(a)::value, T, V><<<grid, kThreads, 0, stream>>>(
+            static_cast<const T*>(dy), static_cast<const T*>(x), param_ptr<T>(bias), static_cast<T*>(dx),
+            ParamOut<T>{dbias, bias.is_float}, partial, counters, p, static_cast<Acc>(coeff));
+        return cudaGetLastError();
+      });
     });
-    if (err != cudaSuccess || partial == nullptr) return err;
-    // channel_on_rows: rows are (n, c) planes in n-major order, so dbias_c = Σ_n partial[n·C + c].
-    const int64_t n_out = view.channel_on_rows ? view.channels : view.cols;
-    const int64_t outer = view.channel_on_rows ? view.rows / view.channels : p.groups;
-    sum_partials_kernel<Acc><<<grid_for(ceil_div(n_out, kThreads)), kThreads, 0, stream>>>(
-        partial, static_cast<Acc*>(dbias), n_out, outer, n_out);
-    return cudaGetLastError();
   });
 }
 

@@ -120,6 +120,25 @@ nfk::SeShape se_shape(const char* what, std::int64_t n, std::int64_t c, std::int
   return nfk::SeShape{n, c, hw, channels_last};
 }
 
+std::int64_t se_min_blocks(const char* what, std::int64_t min_blocks) {
+  if (min_blocks < 1) {
+    throw std::invalid_argument(std::string("nfkernels._C.") + what + ": min_blocks must be at least 1, got " +
+                                std::to_string(min_blocks));
+  }
+  return min_blocks;
+}
+
+// The split count a reduction launch is given must be its plan's: its workspace was sized by it.
+void se_check_splits(const char* what, nfk::DType type, const nfk::SeShape& shape, std::int64_t min_blocks,
+                     std::int64_t splits, bool has_workspace) {
+  const std::int64_t planned = nfk::se_reduce_splits(type, shape, min_blocks);
+  if (splits != planned || (splits > 1 && !has_workspace)) {
+    throw std::invalid_argument(std::string("nfkernels._C.") + what + ": splits " + std::to_string(splits) +
+                                (splits == planned ? " need a workspace" : " are not se_reduce_splits' " +
+                                                                               std::to_string(planned)));
+  }
+}
+
 // The gate operands of the se_gate_* kernels (nfk::SeGate); skip_gain is one value in the
 // activation dtype or float32.
 nfk::SeGate se_gate(const char* what, std::uintptr_t logits, std::uintptr_t mask, std::uintptr_t skip_gain,
@@ -158,45 +177,49 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "agc",
       [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t rows, std::uintptr_t bases, std::int64_t n_units,
-         const std::string& grad_dtype, const std::string& weight_dtype, double clip_factor, double eps, int device,
-         std::uintptr_t stream) {
+         std::int64_t n_singles, std::int64_t row_cols, const std::string& grad_dtype, const std::string& weight_dtype,
+         double clip_factor, double eps, int device, std::uintptr_t stream) {
         const char* what = "agc";
         const nfk::DType g_type = parse_dtype(what, grad_dtype), w_type = parse_dtype(what, weight_dtype);
         const DeviceGuard guard(what, device);
         check(nfk::agc(g_type, w_type, ptr<void>(grad), ptr<const void>(weight), ptr<const std::int64_t>(rows),
-                       ptr<const std::int64_t>(bases), n_units, clip_factor, eps, ptr<CUstream_st>(stream)),
+                       ptr<const std::int64_t>(bases), n_units, n_singles, row_cols, clip_factor, eps,
+                       ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
       py::arg("grad"), py::arg("weight"), py::arg("rows"), py::arg("bases"), py::arg("n_units"),
-      py::arg("grad_dtype"), py::arg("weight_dtype"), py::arg("clip_factor"), py::arg("eps"), py::arg("device"),
-      py::arg("stream"),
+      py::arg("n_singles"), py::arg("row_cols"), py::arg("grad_dtype"), py::arg("weight_dtype"),
+      py::arg("clip_factor"), py::arg("eps"), py::arg("device"), py::arg("stream"),
       "Unit-wise AGC of every unit row, in place on grad, in one launch on `stream` of `device`: `rows`\n"
-      "(n_units, 3) int64 (tensor, first element in it, length), `bases` (n_tensors, 2) int64 (grad and\n"
-      "weight offsets of each tensor). grad and weight dtypes may differ.");
+      "(n_units, 3) int64 (tensor, first element in it, length; the n_singles one-element units first,\n"
+      "then by decreasing length), `bases` (n_tensors, 2) int64 (grad and weight offsets of each\n"
+      "tensor), row_cols the rows' block width (a power of two). grad and weight dtypes may differ.");
 
   m.def(
       "sgd_agc",
       [](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t momentum_buffer, std::uintptr_t rows,
-         std::uintptr_t bases, std::int64_t n_rows, const std::string& param_dtype, const std::string& grad_dtype, double lr,
-         double momentum, double weight_decay, double clip_factor, double eps, bool clip, bool has_momentum,
-         bool nesterov, int device, std::uintptr_t stream) {
+         std::uintptr_t bases, std::int64_t n_units, std::int64_t n_singles, std::int64_t row_cols,
+         const std::string& param_dtype, const std::string& grad_dtype, double lr, double momentum,
+         double weight_decay, double clip_factor, double eps, bool clip, bool has_momentum, bool nesterov, int device,
+         std::uintptr_t stream) {
         const char* what = "sgd_agc";
         const nfk::DType p_type = parse_dtype(what, param_dtype), g_type = parse_dtype(what, grad_dtype);
         const nfk::SgdAgcOptions options{lr, momentum, weight_decay, clip_factor, eps, clip, has_momentum, nesterov};
         const DeviceGuard guard(what, device);
         check(nfk::sgd_agc(p_type, g_type, ptr<void>(param), ptr<const void>(grad), ptr<void>(momentum_buffer),
-                           ptr<const std::int64_t>(rows), ptr<const std::int64_t>(bases), n_rows, options,
-                           ptr<CUstream_st>(stream)),
+                           ptr<const std::int64_t>(rows), ptr<const std::int64_t>(bases), n_units, n_singles,
+                           row_cols, options, ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
       py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("rows"), py::arg("bases"),
-      py::arg("n_rows"),
+      py::arg("n_units"), py::arg("n_singles"), py::arg("row_cols"),
       py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"),
       py::arg("clip_factor"), py::arg("eps"), py::arg("clip"), py::arg("has_momentum"), py::arg("nesterov"),
       py::arg("device"), py::arg("stream"),
-      "SGD (nesterov optional) with AGC over every unit row (`rows` as for agc; `bases` (n_tensors, 3)\n"
+      "SGD (nesterov optional) with AGC over every unit row (`rows`, n_singles and row_cols as for agc;\n"
+      "`bases` (n_tensors, 3)\n"
       "int64: param, grad and buffer offsets of each tensor), updating param and momentum_buffer\n"
       "(param_dtype) in one launch on `stream` of `device`. grad's dtype may differ from param's.");
 
@@ -287,8 +310,8 @@ PYBIND11_MODULE(_C, m) {
         const nfk::DType type = parse_dtype(what, dtype);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
         const nfk::Activation a = parse_activation(what, act);
-        if (dbias != 0 && (b.data == nullptr || workspace == 0)) {
-          throw std::invalid_argument(std::string("nfkernels._C.") + what + ": dbias needs bias and a workspace");
+        if (dbias != 0 && b.data == nullptr) {
+          throw std::invalid_argument(std::string("nfkernels._C.") + what + ": dbias needs bias");
         }
         const DeviceGuard guard(what, device);
         check(nfk::scaled_act_bwd(type, a, ptr<const void>(dy), ptr<const void>(x), b, ptr<void>(dx), ptr<void>(dbias),
@@ -299,25 +322,44 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dx"), py::arg("dbias"), py::arg("workspace"),
       py::arg("rows"), py::arg("cols"), py::arg("channels"), py::arg("channel_on_rows"), py::arg("dtype"),
       py::arg("bias_dtype"), py::arg("act"), py::arg("coeff"), py::arg("device"), py::arg("stream"),
-      "dx = dy*coeff*f'(x + b_c) and, when dbias is not 0, dbias (accumulation dtype) = per-channel sums of\n"
-      "dx, deterministic (partial sums in `workspace`, then a fixed-order sum).");
+      "dx = dy*coeff*f'(x + b_c) and, when dbias is not 0, dbias (bias's dtype) = per-channel sums of dx,\n"
+      "deterministic and finished in the kernel (split channel blocks use `workspace`, which may be 0 when\n"
+      "scaled_act_bwd_workspace is 0).");
+
+  m.def(
+      "se_reduce_splits",
+      [](std::int64_t n, std::int64_t c, std::int64_t hw, bool channels_last, const std::string& dtype,
+         std::int64_t min_blocks) {
+        const char* what = "se_reduce_splits";
+        return nfk::se_reduce_splits(parse_dtype(what, dtype), se_shape(what, n, c, hw, channels_last),
+                                     se_min_blocks(what, min_blocks));
+      },
+      py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("min_blocks"),
+      "Splits of hw the SE reductions (se_pool, se_gate_bwd_reduce) make for at least min_blocks blocks (no\n"
+      "device needed); those launches take it back and size their workspaces by it.");
 
   m.def(
       "se_pool",
-      [](std::uintptr_t h, std::uintptr_t bias, std::uintptr_t pool, std::int64_t n, std::int64_t c, std::int64_t hw,
-         bool channels_last, const std::string& dtype, const std::string& bias_dtype, int device,
-         std::uintptr_t stream) {
+      [](std::uintptr_t h, std::uintptr_t bias, std::uintptr_t pool, std::uintptr_t partial, std::int64_t min_blocks,
+         std::int64_t splits, std::int64_t n, std::int64_t c, std::int64_t hw, bool channels_last,
+         const std::string& dtype, const std::string& bias_dtype, int device, std::uintptr_t stream) {
         const char* what = "se_pool";
         const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
         const nfk::DType type = parse_dtype(what, dtype);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
+        se_check_splits(what, type, shape, se_min_blocks(what, min_blocks), splits, partial != 0);
         const DeviceGuard guard(what, device);
-        check(nfk::se_pool(type, ptr<const void>(h), b, ptr<void>(pool), shape, ptr<CUstream_st>(stream)), what);
+        check(nfk::se_pool(type, ptr<const void>(h), b, ptr<void>(pool), ptr<void>(partial), min_blocks, splits, shape,
+                           ptr<CUstream_st>(stream)),
+              what);
       },
       py::call_guard<py::gil_scoped_release>(),
-      py::arg("h"), py::arg("bias"), py::arg("pool"), py::arg("n"), py::arg("c"), py::arg("hw"),
-      py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("device"), py::arg("stream"),
-      "pool[n, c] = mean over hw of h + b_c, (n, c) in the accumulation dtype; h dense NCHW or channels_last.");
+      py::arg("h"), py::arg("bias"), py::arg("pool"), py::arg("partial"), py::arg("min_blocks"), py::arg("splits"),
+      py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"),
+      py::arg("device"), py::arg("stream"),
+      "pool[n, c] = mean over hw of h + b_c, (n, c) in the accumulation dtype; h dense NCHW or channels_last.\n"
+      "splits = se_reduce_splits(..., min_blocks); with splits > 1, partial ((splits, n, c), accumulation\n"
+      "dtype) holds the splits' sums, added in split order by a second kernel.");
 
   m.def(
       "se_gate_fwd",
@@ -349,8 +391,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "se_gate_bwd_reduce",
       [](std::uintptr_t dout, std::uintptr_t h, std::uintptr_t bias, std::uintptr_t logits, std::uintptr_t mask,
-         std::uintptr_t skip_gain, const std::string& skip_gain_dtype, double gain, std::uintptr_t s1,
-         std::uintptr_t coef_s1, std::uintptr_t s2_u, std::uintptr_t dz, std::int64_t n, std::int64_t c,
+         std::uintptr_t skip_gain, const std::string& skip_gain_dtype, double gain, std::uintptr_t sums,
+         std::uintptr_t dz, std::int64_t min_blocks, std::int64_t splits, std::int64_t n, std::int64_t c,
          std::int64_t hw, bool channels_last, const std::string& dtype, const std::string& bias_dtype, int device,
          std::uintptr_t stream) {
         const char* what = "se_gate_bwd_reduce";
@@ -358,47 +400,57 @@ PYBIND11_MODULE(_C, m) {
         const nfk::DType type = parse_dtype(what, dtype);
         const nfk::SeGate gate = se_gate(what, logits, mask, skip_gain, skip_gain_dtype, dtype, gain);
         const nfk::ChannelParam b = channel_param(what, "bias", bias, bias_dtype, dtype);
-        const nfk::SeGradTerms terms{ptr<void>(s1), ptr<void>(coef_s1), ptr<void>(s2_u), ptr<void>(dz)};
+        se_check_splits(what, type, shape, se_min_blocks(what, min_blocks), splits, true);
+        if ((logits == 0) != (dz == 0)) {
+          throw std::invalid_argument(std::string("nfkernels._C.") + what + ": dz is given exactly with logits (SE)");
+        }
+        const nfk::SeGradSums out{ptr<void>(sums), ptr<void>(dz), splits};
         const DeviceGuard guard(what, device);
-        check(nfk::se_gate_bwd_reduce(type, ptr<const void>(dout), ptr<const void>(h), b, gate, terms, shape,
+        check(nfk::se_gate_bwd_reduce(type, ptr<const void>(dout), ptr<const void>(h), b, gate, out, min_blocks, shape,
                                       ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
       py::arg("dout"), py::arg("h"), py::arg("bias"), py::arg("logits"), py::arg("mask"), py::arg("skip_gain"),
-      py::arg("skip_gain_dtype"), py::arg("gain"), py::arg("s1"), py::arg("coef_s1"), py::arg("s2_u"), py::arg("dz"),
-      py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("bias_dtype"),
-      py::arg("device"), py::arg("stream"),
-      "With S1 = sum over hw of dout and S2 = sum over hw of dout*(h + b_c): s1 = S1, coef_s1 = coef*S1,\n"
-      "s2_u = S2*coef/k and (with SE, else dz is 0) dz = S2*k*gain*m[n]*sigmoid(z)*sigmoid(-z), each (n, c)\n"
-      "in the accumulation dtype; the gate arguments as in se_gate_fwd.");
+      py::arg("skip_gain_dtype"), py::arg("gain"), py::arg("sums"), py::arg("dz"), py::arg("min_blocks"),
+      py::arg("splits"), py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"),
+      py::arg("bias_dtype"), py::arg("device"), py::arg("stream"),
+      "sums ((2, splits, n, c), accumulation dtype) = S1 = sum of dout over each split of hw, then\n"
+      "S2 = sum of dout*(h + b_c); with SE (else dz is 0) dz (n, c) = S2*k*gain*m[n]*sigmoid(z)*sigmoid(-z)\n"
+      "of the whole S2. splits as se_pool's; the gate arguments as in se_gate_fwd.");
 
   m.def(
       "se_gate_bwd",
       [](std::uintptr_t dout, std::uintptr_t logits, std::uintptr_t mask, std::uintptr_t skip_gain,
-         const std::string& skip_gain_dtype, double gain, std::uintptr_t s1, std::uintptr_t coef_s1,
-         std::uintptr_t s2_u, std::uintptr_t dz, std::uintptr_t dpool, std::uintptr_t dh,
-         std::uintptr_t dshortcut_bias, std::uintptr_t dbias, std::uintptr_t dskip_partial, std::uintptr_t dfc2_bias,
+         const std::string& skip_gain_dtype, double gain, std::uintptr_t sums, std::uintptr_t dz, std::int64_t splits,
+         std::uintptr_t dpool, std::uintptr_t da, std::int64_t rd, std::uintptr_t dh, std::uintptr_t dshortcut_bias,
+         std::uintptr_t dbias, std::uintptr_t dskip_partial, std::uintptr_t dfc2_bias, std::uintptr_t dfc1_bias,
          std::int64_t n, std::int64_t c, std::int64_t hw, bool channels_last, const std::string& dtype, int device,
          std::uintptr_t stream) {
         const char* what = "se_gate_bwd";
         const nfk::SeShape shape = se_shape(what, n, c, hw, channels_last);
         const nfk::DType type = parse_dtype(what, dtype);
         const nfk::SeGate gate = se_gate(what, logits, mask, skip_gain, skip_gain_dtype, dtype, gain);
-        const nfk::SeGradTerms terms{ptr<void>(s1), ptr<void>(coef_s1), ptr<void>(s2_u), ptr<void>(dz)};
+        if (splits < 1 || rd < 0) {
+          throw std::invalid_argument(std::string("nfkernels._C.") + what + ": invalid splits " +
+                                      std::to_string(splits) + " or rd " + std::to_string(rd));
+        }
+        const nfk::SeGradSums in{ptr<void>(sums), ptr<void>(dz), splits};
         const DeviceGuard guard(what, device);
-        check(nfk::se_gate_bwd(type, ptr<const void>(dout), gate, terms, ptr<const void>(dpool), ptr<void>(dh),
-                               ptr<void>(dshortcut_bias), ptr<void>(dbias), ptr<void>(dskip_partial),
-                               ptr<void>(dfc2_bias), shape, ptr<CUstream_st>(stream)),
+        check(nfk::se_gate_bwd(type, ptr<const void>(dout), gate, in, ptr<const void>(dpool), ptr<const void>(da), rd,
+                               ptr<void>(dh), ptr<void>(dshortcut_bias), ptr<void>(dbias), ptr<void>(dskip_partial),
+                               ptr<void>(dfc2_bias), ptr<void>(dfc1_bias), shape, ptr<CUstream_st>(stream)),
               what);
       },
       py::call_guard<py::gil_scoped_release>(),
       py::arg("dout"), py::arg("logits"), py::arg("mask"), py::arg("skip_gain"), py::arg("skip_gain_dtype"),
-      py::arg("gain"), py::arg("s1"), py::arg("coef_s1"), py::arg("s2_u"), py::arg("dz"), py::arg("dpool"),
-      py::arg("dh"), py::arg("dshortcut_bias"), py::arg("dbias"), py::arg("dskip_partial"), py::arg("dfc2_bias"),
-      py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
-      py::arg("stream"),
+      py::arg("gain"), py::arg("sums"), py::arg("dz"), py::arg("splits"), py::arg("dpool"), py::arg("da"),
+      py::arg("rd"), py::arg("dh"), py::arg("dshortcut_bias"), py::arg("dbias"), py::arg("dskip_partial"),
+      py::arg("dfc2_bias"), py::arg("dfc1_bias"), py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"),
+      py::arg("dtype"), py::arg("device"), py::arg("stream"),
       "dh = dout*coef[n, c] + dpool[n, c]/hw in dout's layout and dtype, and per channel, summed over n in\n"
-      "the accumulation dtype: dshortcut_bias = s1, dbias = coef_s1 + dpool, dskip_partial = s2_u and\n"
-      "dfc2_bias = dz; without SE dz, dpool and dfc2_bias are 0. Terms as se_gate_bwd_reduce writes them.");
+      "the accumulation dtype, with S1, S2 added over the splits of sums (as se_gate_bwd_reduce writes them)\n"
+      "and u = coef/k: dshortcut_bias = S1, dbias = coef*S1 + dpool, dskip_partial = S2*u and, with SE,\n"
+      "dfc2_bias = dz and dfc1_bias = da per hidden unit (da (n, rd)); without SE dz, dpool, da, dfc2_bias and\n"
+      "dfc1_bias are 0.");
 }

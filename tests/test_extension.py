@@ -30,7 +30,7 @@ def test_extension_is_built():
 
 FUNCTIONS = {"agc", "sgd_agc", "device_count", "cuda_runtime_version", "weight_standardize_fwd",
              "weight_standardize_bwd", "scaled_act_fwd", "scaled_act_bwd", "scaled_act_bwd_workspace", "se_pool",
-             "se_gate_fwd", "se_gate_bwd_reduce", "se_gate_bwd"}
+             "se_gate_fwd", "se_gate_bwd_reduce", "se_gate_bwd", "se_reduce_splits"}
 
 
 def test_imports_and_lists_functions():
@@ -51,9 +51,9 @@ def test_links_neither_libtorch_nor_shared_cudart():
 def test_call_without_device_raises_clear_error():
     assert _C.device_count() == 0
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _C.agc(0, 0, 0, 0, 1, "float32", "float32", 0.01, 1e-3, 0, 0)
+        _C.agc(0, 0, 0, 0, 1, 0, 128, "float32", "float32", 0.01, 1e-3, 0, 0)
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _C.sgd_agc(0, 0, 0, 0, 0, 1, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0)
+        _C.sgd_agc(0, 0, 0, 0, 0, 1, 0, 128, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0)
     p = torch.nn.Parameter(torch.randn(3, 2))
     p.grad = torch.randn(3, 2)
     with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"), nfk.use_backend("cuda"):
@@ -66,10 +66,11 @@ CALLS = {
     "weight_standardize_bwd": (0, 0, 0, 0, 0, 0, 0, 0, 4, 27, "bfloat16", "float32", 0, 0),
     "scaled_act_fwd": (0, 0, 0, 6, 49, 3, True, "float16", "float32", "gelu_tanh", 1.7, 0, 0),
     "scaled_act_bwd": (0, 0, 0, 0, 0, 0, 6, 49, 3, True, "float16", "", "celu", 1.3, 0, 0),
-    "se_pool": (0, 0, 0, 2, 8, 49, True, "bfloat16", "", 0, 0),
+    # min_blocks 1: one split (se_reduce_splits), so no workspace is needed.
+    "se_pool": (0, 0, 0, 0, 1, 1, 2, 8, 49, True, "bfloat16", "", 0, 0),
     "se_gate_fwd": (0, 0, 0, 0, 0, "", 0.4, 0, 0, 0, 2, 8, 49, False, "float64", "float64", "", 0, 0),
-    "se_gate_bwd_reduce": (0, 0, 0, 0, 0, 0, "", 0.4, 0, 0, 0, 0, 2, 8, 49, False, "float32", "float32", 0, 0),
-    "se_gate_bwd": (0, 0, 0, 0, "", 0.4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 8, 49, True, "float32", 0, 0),
+    "se_gate_bwd_reduce": (0, 0, 0, 0, 0, 0, "", 0.4, 0, 0, 1, 1, 2, 8, 49, False, "float32", "float32", 0, 0),
+    "se_gate_bwd": (0, 0, 0, 0, "", 0.4, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 8, 49, True, "float32", 0, 0),
 }
 
 
@@ -87,7 +88,21 @@ def test_argument_errors_come_before_the_device():
         _C.scaled_act_fwd(0, 8, 0, 6, 49, 3, True, "float16", "bfloat16", "gelu", 1.0, 0, 0)
     with pytest.raises(ValueError, match="invalid matrix view"):
         _C.scaled_act_bwd_workspace(7, 49, 3, True, "float32")  # 7 rows are not whole (n, c) planes
-    assert _C.scaled_act_bwd_workspace(6, 49, 3, True, "float32") == 6  # one partial sum per row
+    assert _C.scaled_act_bwd_workspace(6, 49, 3, True, "float32") == 0  # one block per channel block: no partials
+    # 96×96 maps of 16 channels, batch 32: a block per (channel, sample), partial sums and counters
+    assert _C.scaled_act_bwd_workspace(32 * 16, 9216, 16, True, "bfloat16") == 32 * 16 + 16
+    # The SE reductions split HW only where the batch and channels give too few blocks; a launch
+    # must be handed its plan's split count (its workspace is sized by it).
+    assert _C.se_reduce_splits(32, 256, 2304, True, "bfloat16", 264) > 1
+    assert _C.se_reduce_splits(32, 256, 2304, False, "bfloat16", 264) == 1
+    assert _C.se_reduce_splits(2, 8, 49, True, "bfloat16", 1) == 1
+    with pytest.raises(ValueError, match="are not se_reduce_splits"):
+        _C.se_pool(0, 0, 0, 0, 1, 2, 2, 8, 49, True, "bfloat16", "", 0, 0)
+    splits = _C.se_reduce_splits(32, 256, 2304, True, "bfloat16", 264)
+    with pytest.raises(ValueError, match="need a workspace"):
+        _C.se_pool(0, 0, 0, 0, 264, splits, 32, 256, 2304, True, "bfloat16", "", 0, 0)
+    with pytest.raises(ValueError, match="min_blocks must be at least 1"):
+        _C.se_reduce_splits(2, 8, 49, True, "bfloat16", 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
@@ -103,7 +118,7 @@ def test_cuda_backend_on_cpu_tensors_is_refused(op):
 @pytest.mark.gpu
 def test_bad_dtype_name_is_a_type_error():
     with pytest.raises(TypeError, match="dtype"):
-        _C.agc(0, 0, 0, 0, 1, "int8", "float32", 0.01, 1e-3, 0, 0)
+        _C.agc(0, 0, 0, 0, 1, 0, 128, "int8", "float32", 0.01, 1e-3, 0, 0)
 
 
 def _metadata(tensors):
@@ -209,12 +224,12 @@ EXPORT int fake_gil_held_at_launch() { return gil_held_at_launch; }
 EXPORT int fake_launch_device() { return launch_device; }
 
 namespace nfk {
-cudaError_t agc(DType, DType, void*, const void*, const int64_t*, const int64_t*, int64_t, double, double,
-                cudaStream_t) {
+cudaError_t agc(DType, DType, void*, const void*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, double,
+                double, cudaStream_t) {
   return launch();
 }
-cudaError_t sgd_agc(DType, DType, void*, const void*, void*, const int64_t*, const int64_t*, int64_t,
-                    const SgdAgcOptions&, cudaStream_t) {
+cudaError_t sgd_agc(DType, DType, void*, const void*, void*, const int64_t*, const int64_t*, int64_t, int64_t,
+                    int64_t, const SgdAgcOptions&, cudaStream_t) {
   return launch();
 }
 cudaError_t weight_standardize_fwd(DType, DType, const void*, const void*, void*, void*, void*, void*, int64_t,
@@ -226,13 +241,16 @@ cudaError_t scaled_act_fwd(DType, Activation, const void*, ChannelParam, void*, 
 int64_t scaled_act_bwd_workspace(DType, const MatrixView& view) { return view.rows; }
 cudaError_t scaled_act_bwd(DType, Activation, const void*, const void*, ChannelParam, void*, void*, void*,
                            const MatrixView&, double, cudaStream_t) { return launch(); }
-cudaError_t se_pool(DType, const void*, ChannelParam, void*, const SeShape&, cudaStream_t) { return launch(); }
+int64_t se_reduce_splits(DType, const SeShape&, int64_t min_blocks) { return min_blocks > 1 ? 2 : 1; }
+cudaError_t se_pool(DType, const void*, ChannelParam, void*, void*, int64_t, int64_t, const SeShape&, cudaStream_t) {
+  return launch();
+}
 cudaError_t se_gate_fwd(DType, const void*, const void*, const SeGate&, ChannelParam, ChannelParam, void*,
                         const SeShape&, cudaStream_t) { return launch(); }
-cudaError_t se_gate_bwd_reduce(DType, const void*, const void*, ChannelParam, const SeGate&, const SeGradTerms&,
-                               const SeShape&, cudaStream_t) { return launch(); }
-cudaError_t se_gate_bwd(DType, const void*, const SeGate&, const SeGradTerms&, const void*, void*, void*, void*, void*,
-                        void*, const SeShape&, cudaStream_t) { return launch(); }
+cudaError_t se_gate_bwd_reduce(DType, const void*, const void*, ChannelParam, const SeGate&, const SeGradSums&,
+                               int64_t, const SeShape&, cudaStream_t) { return launch(); }
+cudaError_t se_gate_bwd(DType, const void*, const SeGate&, const SeGradSums&, const void*, const void*, int64_t, void*,
+                        void*, void*, void*, void*, void*, const SeShape&, cudaStream_t) { return launch(); }
 }  // namespace nfk
 """
 
@@ -278,8 +296,8 @@ def fake_bindings(tmp_path_factory):
 
 LAUNCHES = {
     **CALLS,
-    "agc": (0, 0, 0, 0, 1, "bfloat16", "float32", 0.01, 1e-3, 0, 0),
-    "sgd_agc": (0, 0, 0, 0, 0, 1, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0),
+    "agc": (0, 0, 0, 0, 1, 0, 128, "bfloat16", "float32", 0.01, 1e-3, 0, 0),
+    "sgd_agc": (0, 0, 0, 0, 0, 1, 0, 128, "float32", "bfloat16", 0.1, 0.9, 0.0, 0.01, 1e-3, True, True, True, 0, 0),
 }
 
 

@@ -4,7 +4,9 @@ The other tests run the kernels in Triton's CPU interpreter, which never special
 the way a compiled launch does: an int argument equal to 1 becomes a constexpr (so ``N.to(...)``
 on it fails to compile), ints divisible by 16 and 16-byte-aligned pointers get the
 ``tt.divisibility`` attribute, and ptxas checks the generated code. This test finds those
-compile-only errors in CI:
+compile-only errors in CI, and any specialization that spills registers to local memory.
+
+The machinery is bench/kernel_compile.py's (``python -m bench.kernel_report`` uses it too):
 
 1. Discovery: every Triton jit function defined in an ``nfkernels.ops`` module that no other jit
    function calls is a kernel (helpers such as ``_act_fwd`` are compiled as part of them).
@@ -18,201 +20,30 @@ compile-only errors in CI:
    triton.language's own jit functions, e.g. ``tl.sum``, so the compiler cannot run in this
    process), calls ``kernel.run(..., warmup=True)`` on stand-ins with each recorded dtype and
    address under a stand-in driver reporting ``GPUTarget("cuda", arch, 32)``: the JIT's own
-   path (binder, options, ``triton.compile`` through ptxas to a cubin) without launching.
+   path (binder, options, ``triton.compile`` through ptxas to a cubin) without launching; then
+   Triton's ptxas -v on the PTX gives registers and spill bytes.
 
 Failures are reported per (kernel, target) with each failing specialization and the scenarios
 that produced it. A new kernel no scenario launches fails its test: add a scenario below.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
-import os
-import pkgutil
 import re
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import nfkernels
-import nfkernels.ops
 from nfkernels import _backend
 
 triton = pytest.importorskip("triton")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TARGETS = {"sm80": 80, "sm90": 90}
+from bench.kernel_compile import (TARGETS, Recording, compile_all, discover_kernels,  # noqa: E402
+                                  ptxas_missing, recorders_installed, spills)
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-COMPILE_TIMEOUT_S = 900
-
-
-# ----------------------------------------------------------------------------- discovery
-
-
-def _jit_types() -> tuple[type, ...]:
-    from triton.runtime.jit import JITFunction
-
-    types: tuple[type, ...] = (JITFunction,)
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        types += (InterpretedFunction,)
-    except ImportError:  # pragma: no cover
-        pass
-    return types
-
-
-def _ops_modules():
-    for info in sorted(pkgutil.iter_modules(nfkernels.ops.__path__), key=lambda i: i.name):
-        yield importlib.import_module(f"{nfkernels.ops.__name__}.{info.name}")
-
-
-def discover_kernels() -> dict[str, tuple[str, str]]:
-    """{kernel name: (module, attribute)} for every launchable jit function of nfkernels.ops."""
-    jit_types = _jit_types()
-    jits = {}
-    for module in _ops_modules():
-        for name, value in vars(module).items():
-            if isinstance(value, jit_types) and getattr(value.fn, "__module__", None) == module.__name__:
-                jits[(module.__name__, name)] = value
-    called = set()
-    for value in jits.values():
-        called.update(value.fn.__code__.co_names)
-    kernels = {}
-    for (module, name), value in sorted(jits.items()):
-        if name in called:
-            continue  # a device function, compiled inside the kernels that call it
-        assert name not in kernels, f"two kernels named {name}: {kernels[name]} and {(module, name)}"
-        kernels[name] = (module, name)
-    return kernels
-
-
 KERNELS = discover_kernels()
-
-
-# ----------------------------------------------------------------------------- recording
-
-
-class Recording:
-    """The launches recorded so far, deduplicated per (kernel, target) by JIT specialization."""
-
-    def __init__(self):
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-
-        self.backends = {t: make_backend(GPUTarget("cuda", arch, 32)) for t, arch in TARGETS.items()}
-        self.binders: dict[tuple[str, str], object] = {}
-        self.params: dict[str, list] = {}
-        self.scenario = "?"
-        self.launches: dict[str, int] = {}
-        # (kernel, target) -> {spec key: job}
-        self.jobs: dict[tuple[str, str], dict[str, dict]] = {}
-        self.scenario_errors: list[str] = []
-
-    def binder(self, kernel: str, target: str, jit):
-        """The JIT's own argument binder/specializer for ``jit`` on ``target``'s backend."""
-        from triton.runtime.jit import create_function_from_signature
-
-        if (kernel, target) not in self.binders:
-            self.params[kernel] = jit.params
-            self.binders[kernel, target] = create_function_from_signature(jit.signature, jit.params,
-                                                                          self.backends[target])
-        return self.binders[kernel, target]
-
-    def record(self, kernel: str, jit, grid, args, kwargs) -> None:
-        self.launches[kernel] = self.launches.get(kernel, 0) + 1
-        for target in TARGETS:
-            bound, specialization, options = self.binder(kernel, target, jit)(*args, **kwargs)
-            key = repr((specialization, sorted(options.items())))
-            jobs = self.jobs.setdefault((kernel, target), {})
-            if key in jobs:
-                if len(jobs[key]["scenarios"]) < 3 and self.scenario not in jobs[key]["scenarios"]:
-                    jobs[key]["scenarios"].append(self.scenario)
-                continue
-            jobs[key] = {
-                "id": f"{kernel}#{len(jobs)}",
-                "module": KERNELS[kernel][0],
-                "kernel": KERNELS[kernel][1],
-                "params": {name: _encode(name, value) for name, value in bound.items()},
-                "options": {k: _encode(k, v) for k, v in options.items()},
-                "description": _describe(self.params[kernel], specialization, options),
-                "scenarios": [self.scenario],
-            }
-
-
-def _encode(name: str, value):
-    """A JSON stand-in for a launch argument: tensors become (dtype, address) records, which is
-    all the JIT's specialization reads from them."""
-    if isinstance(value, torch.Tensor):
-        return {"tensor": str(value.dtype).removeprefix("torch."), "data_ptr": value.data_ptr()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"launch argument {name}={value!r} ({type(value).__name__}) has no JSON encoding here; "
-                    "extend _encode (and decode in _COMPILER) in tests/test_kernels_compile.py")
-
-
-def _describe(params, specialization, options) -> str:
-    parts = []
-    for param, (ty, attr) in zip(params, specialization):
-        if param.is_constexpr:
-            parts.append(f"{param.name}={_short(ty, attr)}")
-        elif ty == "constexpr":  # a runtime argument the JIT turned into a constant (int 1, None)
-            parts.append(f"{param.name}={attr!r}[specialized to constexpr]")
-        else:
-            parts.append(f"{param.name}:{ty}{'[div16]' if attr == 'D' else ''}")
-    parts += [f"{k}={v}" for k, v in sorted(options.items())]
-    return ", ".join(parts)
-
-
-def _short(ty, attr):
-    return repr(attr) if ty == "constexpr" else f"{ty}:{attr}"
-
-
-class _Recorder:
-    """Stands in for a jit kernel global: ``kernel[grid](*args, **meta)`` records the launch."""
-
-    def __init__(self, recording: Recording, name: str, kernel):
-        from triton.runtime.jit import JITFunction
-
-        self.recording = recording
-        self.name = name
-        if isinstance(kernel, JITFunction):
-            self.jit = kernel
-        else:
-            # Under TRITON_INTERPRET=1 the kernel is an InterpretedFunction; a JITFunction of its
-            # Python function (with the decorator's specialization options) only parses the
-            # parameters (annotations, constexpr flags): nothing is compiled in this process.
-            options = {k: v for k, v in kernel.kwargs.items()
-                       if k in ("do_not_specialize", "do_not_specialize_on_alignment")}
-            self.jit = JITFunction(kernel.fn, **options)
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.recording.record(self.name, self.jit, grid, args, kwargs)
-
-        return record
-
-
-@contextlib.contextmanager
-def _recorders_installed(recording: Recording):
-    """Replace every kernel, in every nfkernels module that holds it, by a recorder."""
-    originals = {name: getattr(importlib.import_module(mod), attr) for name, (mod, attr) in KERNELS.items()}
-    by_id = {id(k): name for name, k in originals.items()}
-    with pytest.MonkeyPatch.context() as mp:
-        for mod_name, module in list(sys.modules.items()):
-            if module is None or not (mod_name == "nfkernels" or mod_name.startswith("nfkernels.")):
-                continue
-            for attr, value in list(vars(module).items()):
-                if id(value) in by_id:
-                    name = by_id[id(value)]
-                    mp.setattr(module, attr, _Recorder(recording, name, originals[name]))
-        yield
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -320,10 +151,10 @@ def scaled_act_scenarios(device):
         ((3, 1, 2, 2), True, True, True),  # C = 1 = K with channel on columns
         ((1, 1, 1, 1), False, True, True),  # a single element
         ((2, 1), False, True, True),
-        ((1, 2, 40, 40), False, True, True),  # rows longer than MAX_BLOCK_K: several column tiles
+        ((1, 2, 40, 40), False, True, True),  # H·W = 1600 = 1024 + 512 + 64: three row pieces
         ((2, 16, 8, 8), False, True, True),  # sizes divisible by 16
         ((2, 16, 8, 8), True, True, True),
-        ((1, 1024, 65, 65), True, True, True),  # > MAX_ROW_GROUPS row blocks: row_tiles = 2
+        ((1, 1024, 65, 65), True, True, True),  # many channel blocks, H·W odd
     ]
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for i, (shape, cl, bias, grad) in enumerate(edges):
@@ -331,6 +162,15 @@ def scaled_act_scenarios(device):
                 continue  # other dtypes: the size-1 cases
             act = "silu" if dtype != torch.float64 else "gelu"
             yield _sa_label(act, dtype, shape, cl, bias, grad), _sa_case(device, act, dtype, shape, cl, bias, grad)
+    # A backward whose channel blocks are split over programs (the device would have idle SMs):
+    # partial dbias rows, the counter and the last program's finish, FINISH_ROWS below the split.
+    splits = [((2, 4, 6, 6), False, None), ((2, 16, 12, 12), True, None), ((2, 16, 12, 12), True, 16)]
+    for dtype, bias_dtype in ((torch.float32, None), (torch.bfloat16, torch.float32), (torch.float64, None)):
+        for shape, cl, finish_elems in splits:
+            label = _sa_label("gelu", dtype, shape, cl, True, True) + " split"
+            label += f" finish {finish_elems}" if finish_elems else ""
+            label += " fp32 bias" if bias_dtype else ""
+            yield label, _sa_split_case(device, dtype, shape, cl, bias_dtype, finish_elems)
 
 
 def _sa_label(act, dtype, shape, cl, bias, grad):
@@ -344,6 +184,21 @@ def _sa_case(device, act, dtype, shape, channels_last, with_bias, bias_grad, bia
         bias = _randn((shape[1],), bias_dtype or dtype, device, requires_grad=bias_grad) if with_bias else None
         y = nfkernels.scaled_act(x, bias, act=act, scale=0.9)
         y.backward(torch.randn_like(y))
+
+    return run
+
+
+def _sa_split_case(device, dtype, shape, channels_last, bias_dtype, finish_elems):
+    """_sa_case with the launcher's program target raised so the backward splits its channel blocks."""
+    from nfkernels.ops import scaled_act as sa
+
+    def run():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sa, "CPU_PROGRAMS", 64)
+            mp.setattr(sa, "SPLIT_MIN_ELEMS", 1)
+            if finish_elems:
+                mp.setattr(sa, "FINISH_ELEMS", finish_elems)
+            _sa_case(device, "gelu", dtype, shape, channels_last, True, True, bias_dtype)()
 
     return run
 
@@ -371,6 +226,11 @@ def se_gate_scenarios(device):
     # Autocast: low-precision activations with fp32 parameters.
     yield (_se_label(torch.bfloat16, (2, 8, 5, 5), False, True) + " fp32 params",
            _se_case(device, torch.bfloat16, (2, 8, 5, 5), False, True, param_dtype=torch.float32))
+    for dtype in (torch.bfloat16, torch.float16):  # H·W split: partial sums, the finish and dz kernels
+        for cl in (False, True):
+            yield _se_label(dtype, (1, 4, 48, 48), cl, True), _se_case(device, dtype, (1, 4, 48, 48), cl, True)
+    yield (_se_label(torch.bfloat16, (1, 4, 48, 48), True, True) + " fp32 params",
+           _se_case(device, torch.bfloat16, (1, 4, 48, 48), True, True, param_dtype=torch.float32))
 
 
 def _se_label(dtype, shape, cl, full):
@@ -427,6 +287,8 @@ _PARAM_SETS = {
     "long rows": [((2, 5000), 0), ((3, 17), 0)],
     "one element": [((1,), 0)],
     "unaligned": [((5, 7), 1), ((3,), 1)],
+    # NFNet-F0 row lengths: the vector-row tiles (768, 1152 and 1536 columns) next to singles.
+    "F0 rows": [((4, 768), 0), ((2, 1152), 0), ((2, 1536), 0), ((6, 1, 1, 1), 0)],
 }
 
 
@@ -464,7 +326,7 @@ def sgd_agc_scenarios(device):
         for m, n, wd, clip in [(0.9, True, 1e-4, True), (0.0, False, 0.0, False)]:
             yield _sgd_label(dtype, "conv+linear+bias+scalar", m, n, wd, clip), _sgd_case(
                 device, dtype, _PARAM_SETS["conv+linear+bias+scalar"], m, n, wd, clip)
-    for set_name in ("long rows", "one element", "unaligned"):
+    for set_name in ("long rows", "one element", "unaligned", "F0 rows"):
         for dtype in (torch.float32, torch.float64) if set_name == "unaligned" else (torch.float32,):
             yield _sgd_label(dtype, set_name, 0.9, True, 1e-4, True), _sgd_case(
                 device, dtype, _PARAM_SETS[set_name], 0.9, True, 1e-4, True)
@@ -495,8 +357,8 @@ SCENARIOS = (weight_standardize_scenarios, weight_standardize_batched_scenarios,
 
 
 def record_all(device) -> Recording:
-    recording = Recording()
-    with _recorders_installed(recording), nfkernels.use_backend("triton"):
+    recording = Recording(KERNELS, TARGETS)
+    with recorders_installed(recording), nfkernels.use_backend("triton"):
         for make in SCENARIOS:
             for label, run in make(device):
                 recording.scenario = label
@@ -507,151 +369,13 @@ def record_all(device) -> Recording:
     return recording
 
 
-# ----------------------------------------------------------------------------- compiling
-
-# Runs in a fresh interpreter without TRITON_INTERPRET, so that the kernels (and triton.language's
-# own jit functions) are real JITFunctions: argv = jobs.json, arch, results.jsonl.
-_COMPILER = r"""
-import importlib, json, sys, time, traceback
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-from triton.runtime.jit import JITFunction
-
-jobs_path, arch, results_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-target = GPUTarget("cuda", arch, 32)
-
-
-class Driver:  # what JITFunction.run asks of the active driver, for a GPU that is not here
-    def get_current_device(self):
-        return ("nfk-compile-test", arch)
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return target
-
-
-class Tensor:  # all the JIT's specialization reads from a tensor: dtype and address
-    def __init__(self, dtype, data_ptr):
-        self.dtype = getattr(torch, dtype)
-        self._data_ptr = data_ptr
-
-    def data_ptr(self):
-        return self._data_ptr
-
-
-def decode(v):
-    return Tensor(v["tensor"], v["data_ptr"]) if isinstance(v, dict) else v
-
-
-driver.set_active(Driver())
-with open(jobs_path) as f:
-    jobs = json.load(f)
-with open(results_path, "a") as out:
-    for job in jobs:
-        out.write(json.dumps({"id": job["id"], "started": True}) + "\n")
-        out.flush()
-        start = time.perf_counter()
-        try:
-            kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-            if not isinstance(kernel, JITFunction):
-                raise TypeError(f"{job['module']}.{job['kernel']} is a {type(kernel).__name__}, not a JITFunction")
-            params = {k: decode(v) for k, v in job["params"].items()}
-            kernel.run(grid=(1,), warmup=True, **params, **job["options"])
-            result = {"ok": True}
-        except Exception as err:
-            result = {"ok": False, "error": "".join(traceback.format_exception_only(type(err), err)).strip()}
-        result.update(id=job["id"], seconds=time.perf_counter() - start)
-        out.write(json.dumps(result) + "\n")
-        out.flush()
-"""
-
-
-def _compiler_env():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
-def compile_all(jobs_by_target: dict[str, list[dict]], workdir: Path) -> dict[str, dict[str, dict]]:
-    """Compile every target's jobs in its own subprocess, the targets in parallel. A compiler crash
-    (no Python exception) fails the job it was on and the rest go to a fresh subprocess; a
-    subprocess that dies before compiling anything is an error."""
-    results: dict[str, dict[str, dict]] = {t: {} for t in jobs_by_target}
-    pending = {t: list(jobs) for t, jobs in jobs_by_target.items() if jobs}
-    deadline = time.monotonic() + COMPILE_TIMEOUT_S
-    attempt = 0
-    while pending:
-        attempt += 1
-        procs = {}
-        for target, jobs in pending.items():
-            jobs_path = workdir / f"jobs-{target}-{attempt}.json"
-            jobs_path.write_text(json.dumps(jobs))
-            results_path = workdir / f"results-{target}-{attempt}.jsonl"
-            log_path = workdir / f"log-{target}-{attempt}.txt"
-            with open(log_path, "w") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", _COMPILER, str(jobs_path), str(TARGETS[target]), str(results_path)],
-                    cwd=REPO_ROOT, env=_compiler_env(), stdout=log, stderr=subprocess.STDOUT,
-                )
-            procs[target] = (proc, results_path, log_path)
-        next_pending = {}
-        for target, (proc, results_path, log_path) in procs.items():
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            started, finished = None, 0
-            if results_path.exists():
-                for line in results_path.read_text().splitlines():
-                    entry = json.loads(line)
-                    if entry.get("started"):
-                        started = entry["id"]
-                    else:
-                        results[target][entry["id"]] = entry
-                        started, finished = None, finished + 1
-            if proc.returncode == 0:
-                continue
-            log_tail = log_path.read_text(errors="replace")[-4000:]
-            if started is None and finished == 0:
-                raise RuntimeError(f"the {target} compiler subprocess failed before compiling anything "
-                                   f"(exit {proc.returncode}):\n{log_tail}")
-            if started is not None:
-                results[target][started] = {"ok": False, "error": f"the compiler subprocess died (exit "
-                                            f"{proc.returncode}) compiling this specialization:\n{log_tail}"}
-            rest = [job for job in pending[target] if job["id"] not in results[target]]
-            if time.monotonic() < deadline:
-                next_pending[target] = rest
-            else:
-                for job in rest:
-                    results[target][job["id"]] = {"ok": False, "error": f"not compiled: {COMPILE_TIMEOUT_S} s timeout"}
-        pending = {t: jobs for t, jobs in next_pending.items() if jobs}
-    return results
-
-
 # ----------------------------------------------------------------------------- fixtures and tests
-
-
-def _ptxas_missing() -> str | None:
-    try:
-        from triton import knobs
-
-        path = knobs.nvidia.ptxas.path
-    except Exception as err:  # noqa: BLE001
-        return f"Triton's ptxas is not available ({type(err).__name__}: {err})"
-    if not path or not os.path.exists(path):
-        return f"Triton's bundled ptxas is missing ({path!r})"
-    return None
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """(recording, {target: {job id: result}}, seconds): recorded once, compiled once per module."""
-    reason = _ptxas_missing()
+    reason = ptxas_missing()
     if reason:
         pytest.skip(reason)
     if _backend.triton_interpreting():
@@ -663,9 +387,8 @@ def compiled(tmp_path_factory):
     start = time.perf_counter()
     recording = record_all(device)
     recorded = time.perf_counter()
-    jobs_by_target = {t: [job for (k, tt), jobs in sorted(recording.jobs.items()) if tt == t for job in jobs.values()]
-                      for t in TARGETS}
-    results = compile_all(jobs_by_target, tmp_path_factory.mktemp("kernels_compile"))
+    jobs_by_target = recording.jobs_by_target()
+    results = compile_all(jobs_by_target, tmp_path_factory.mktemp("kernels_compile"), metrics=True)
     done = time.perf_counter()
     print(f"\nkernels_compile: recorded {sum(recording.launches.values())} launches in {recorded - start:.1f} s; "
           f"compiled {', '.join(f'{len(j)} {t}' for t, j in jobs_by_target.items())} specializations "
@@ -722,3 +445,33 @@ def test_kernel_compiles(compiled, kernel, target):
     if failures:
         pytest.fail(f"{len(failures)} of {len(jobs)} specializations of {kernel} fail to compile for {target}:\n"
                     + "\n".join(failures), pytrace=False)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_no_spills(compiled, target):
+    """No specialization of any kernel spills registers to local memory (ptxas -v: spill stores
+    or loads), on either target: a spill turns a streaming kernel's register traffic into memory
+    traffic. Specializations that do not compile are test_kernel_compiles' failures, not these."""
+    recording, results = compiled
+    failures = []
+    checked = 0
+    for (kernel, t), jobs in sorted(recording.jobs.items()):
+        if t != target:
+            continue
+        for job in jobs.values():
+            result = results[target].get(job["id"], {})
+            if not result.get("ok"):
+                continue
+            metrics = result.get("metrics")
+            if metrics is None:
+                failures.append(f"- {kernel} [{target}] {job['description']}: no ptxas metrics "
+                                f"({result.get('metrics_error', 'none recorded')})")
+                continue
+            checked += 1
+            if spills(metrics):
+                failures.append(f"- {kernel} [{target}] {job['description']}\n  from: {'; '.join(job['scenarios'])}\n"
+                                f"  {metrics['registers']} registers, {metrics['spill_stores']} bytes spill stores, "
+                                f"{metrics['spill_loads']} bytes spill loads, {metrics['stack']} bytes stack frame")
+    assert checked, f"no compiled specialization with metrics for {target}"
+    if failures:
+        pytest.fail(f"{len(failures)} specializations fail for {target}:\n" + "\n".join(failures), pytrace=False)

@@ -103,7 +103,7 @@ def make_param(spec, device=DEVICE):
     return p, storage, p_storage
 
 
-running = backend_runner(agc_ops, MAX_BLOCK=16)
+running = backend_runner(agc_ops, ROW_TILE_BYTES=64, MIN_COLS=2, FLAT_BLOCK=4)
 
 
 def pack(params, form):
@@ -229,6 +229,41 @@ def test_agc_expanded_gradient_raises_before_writing_or_is_clipped(backend, spec
         low = any(d in LOW_PRECISION for d in dt)
         plain = timm_agc(q, g0, 0.01, 1e-3, dtype=None)[0].to(q.grad.dtype) if low else None
         assert_matches(q.grad, want, tol_for(dt, backend, plain_err(plain, want) if low else None), f"param {i}")
+
+
+ALIGNMENT_SHAPES = st.one_of(
+    SHAPES,
+    st.tuples(dim_sizes(5), st.sampled_from([4, 8, 12, 16, 24, 32])),  # row lengths of whole vectors
+    st.tuples(st.sampled_from([8, 16, 32, 48, 64])),
+)
+
+
+@given(shapes=st.lists(ALIGNMENT_SHAPES, min_size=1, max_size=6), g_dtype=dtypes(), w_dtype=dtypes(),
+       offsets=st.lists(st.integers(0, 9), min_size=12, max_size=12),
+       moved=st.lists(st.integers(0, 9), min_size=12, max_size=12))
+def test_alignment_hint_holds_for_drawn_shapes_and_offsets(shapes, g_dtype, w_dtype, offsets, moved):
+    """What the vector row programs are told about alignment (tl.multiple_of; the interpreter
+    ignores it, a GPU would misread silently) holds for every vector row of a table over tensors
+    at drawn element offsets into their buffers, before and after readdressing to other offsets;
+    rows of other lengths are not vector rows. No kernel runs: the tables only."""
+    from test_agc import _at_offset, _check_alignment_promise
+
+    shapes = [s for s in shapes if math.prod(s) > 0]
+    assume(shapes)
+
+    def operands(at):
+        return [[_at_offset(s, dt, o) for s, o in zip(shapes, at)] for dt in (g_dtype, w_dtype)]
+
+    table = agc_ops.unit_table(operands(offsets))
+    itemsizes = (torch.empty(0, dtype=g_dtype).element_size(), torch.empty(0, dtype=w_dtype).element_size())
+    layout = table.layout
+    assert (layout.rows[layout.vector.start:layout.vector.end, 2] % layout.vector_width == 0).all()
+    assert (layout.rows[layout.scalar.start:, 2] % layout.vector_width != 0).all()
+    _check_alignment_promise(table, itemsizes)
+    if all(o == 0 for o in offsets[:len(shapes)]) and len(layout.row_tensors):
+        assert table.align == layout.vector_width  # fresh buffers are 16-byte aligned
+    assert table.readdress(operands(moved))
+    _check_alignment_promise(table, itemsizes)
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -189,7 +189,9 @@ def _bias(case, c):
     return leaf_view(v, dtype, Layout("contiguous"))
 
 
-running = backend_runner(sa_op, TILE_ELEMS=16, MAX_BLOCK_K=4, MAX_ROW_GROUPS=3)
+# Small blocks: rows in 16-wide chunks and remainder pieces, channel blocks split over programs.
+running = backend_runner(sa_op, TILE_ELEMS=128, MAX_CHUNK=16, MAX_BLOCK_C=4, CPU_PROGRAMS=8, SPLIT_MIN_ELEMS=1,
+                         FINISH_ELEMS=8)
 
 
 BACKENDS = backends_for(("torch", "triton", "cuda"))

@@ -184,7 +184,10 @@ def make_inputs(case):
     return t
 
 
-running = backend_runner(se_op, REDUCE_TILE=16, STREAM_TILE=8, MAX_BLOCK_C=4)
+# Small blocks also split HW in the reductions (a GPU of 8 SMs, splits of 2 positions or more),
+# whose partial sums the finish and per-channel sums kernels add up.
+running = backend_runner(se_op, REDUCE_TILE=16, STREAM_TILE=8, MAX_BLOCK_C=4, MIN_SPLIT_HW=2, DEFAULT_SMS=8,
+                         FINISH_BLOCK=8, SMALL_BLOCK_C=2, SUMS_TILE=4)
 
 
 def call(t, **kw):

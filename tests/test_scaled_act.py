@@ -1,5 +1,6 @@
 """scaled_act against independent float64 math, forward and backward, every backend."""
 import math
+import os
 
 import pytest
 import torch
@@ -186,27 +187,184 @@ def test_other_layouts(backend, case):
     check_all(got, want, tolerance(torch.float64, backend))
 
 
+# Tiles of a few elements and many programs per channel block: rows in several chunks plus
+# remainder pieces, channel blocks split over groups whose dbias the last program finishes.
+SMALL_TILES = dict(TILE_ELEMS=16, MAX_CHUNK=4, MAX_BLOCK_C=4, CPU_PROGRAMS=64, SPLIT_MIN_ELEMS=1, FINISH_ELEMS=4)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("bias_grad", [True, False], ids=["bias_grad", "bias_frozen"])
-def test_many_tiles_and_row_groups(monkeypatch, channels_last, bias_grad):
-    """Small blocks: several column tiles per row, several row tiles per dbias row group."""
-    monkeypatch.setattr(sa_op, "TILE_ELEMS", 16)
-    monkeypatch.setattr(sa_op, "MAX_BLOCK_K", 4)
-    monkeypatch.setattr(sa_op, "MAX_ROW_GROUPS", 3)
-    x, bias, dout = make_inputs((2, 5, 9, 13), torch.float64, channels_last=channels_last, seed=51)
+def test_many_tiles_and_split_channel_blocks(monkeypatch, channels_last, bias_grad):
+    """Small blocks: 9·13 = 117 = 29·4 + 1 (four-wide chunks and a one-wide remainder), channel
+    blocks of 4 channels split over several programs each."""
+    for name, value in SMALL_TILES.items():
+        monkeypatch.setattr(sa_op, name, value)
+    x, bias, dout = make_inputs((2, 5, 9, 13), torch.float32, channels_last=channels_last, seed=51)
+    n, c, hw = (2 * 9 * 13, 5, 1) if channels_last else (2, 5, 9 * 13)
+    plan = sa_op._plan(n, c, hw, 4, x.device, reduces=bias_grad)
+    assert plan.groups > 1
+    assert (plan.chunk, hw % plan.chunk) == ((1, 0) if channels_last else (4, 1))
     xx = x.detach().requires_grad_(True)
     bb = bias.detach().requires_grad_(bias_grad)
     with nfk.use_backend("triton"):
         out = nfk.scaled_act(xx, bb, act="elu", scale=0.7)
     out.backward(dout)
     want = reference_and_grad(x, bias, dout, "elu", nfk.NF_GAMMA["elu"], 0.7)
-    assert_close(out, want[0], 1e-6, "forward")
-    assert_close(xx.grad, want[1], 1e-6, "dx")
+    tol = tolerance(torch.float32, "triton")
+    assert_close(out, want[0], tol, "forward")
+    assert_close(xx.grad, want[1], tol, "dx")
     if bias_grad:
-        assert_close(bb.grad, want[2], 1e-6, "dbias")
+        assert_close(bb.grad, want[2], tol, "dbias")
     else:
         assert bb.grad is None
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_dbias_is_deterministic_split_or_not(monkeypatch, count_launches, channels_last):
+    """The dbias the last program of a split channel block finishes is the same, bit for bit, on
+    every run, and matches the unsplit kernel's to rounding (only the order of the sums differs);
+    split or not, the backward is one kernel launch."""
+    x, bias, dout = make_inputs((3, 6, 6, 6), torch.float32, channels_last=channels_last, seed=52)
+    unsplit = run_and_grad(x, bias, dout, "triton", act="gelu")[2]
+    for name, value in SMALL_TILES.items():
+        monkeypatch.setattr(sa_op, name, value)
+    bwd = count_launches(sa_op, "_scaled_act_bwd_kernel")
+    first, again = (run_and_grad(x, bias, dout, "triton", act="gelu")[2] for _ in range(2))
+    assert bwd.count == 2
+    assert torch.equal(first, again)
+    want = reference_and_grad(x, bias, dout, "gelu", nfk.NF_GAMMA["gelu"], 1.0)[2]
+    assert_close(first, want, 1e-5, "split dbias")
+    assert_close(unsplit, want, 1e-5, "dbias")
+
+
+# NFNet-F0's activations at 192 px, batch 32: NCHW (C, H·W) and channels-last C.
+F0_NCHW = [(16, 9216), (32, 9216), (64, 9216), (128, 2304), (256, 2304), (256, 576), (512, 576), (768, 144),
+           (1536, 144), (768, 36), (1536, 36)]
+F0_CHANNELS_LAST = [(16, 9216), (32, 9216), (64, 9216), (128, 2304), (256, 2304), (512, 576), (768, 144), (1536, 36)]
+
+
+@pytest.mark.parametrize("esize", [2, 4], ids=["bf16", "fp32"])
+def test_f0_tiles_fit_the_rows(esize):
+    """At every F0 shape the tiles leave at most 10% of the lanes idle (H·W = 9·2^k is no power of
+    two: 36 = 2·16 + 4), the vectors are 16 bytes where the rows allow (H·W = 36 in bf16: 8), and
+    the backward splits a channel block only where there are few, so that the 6×6 stage finishes
+    its dbias in one program per block."""
+    cuda = torch.device("cuda", 0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sa_op, "_programs_target", lambda device: sa_op.PROGRAMS_PER_SM * 132)  # an H100
+        for c, hw in F0_NCHW:
+            p = sa_op._plan(32, c, hw, esize, cuda, reduces=True)
+            assert sa_op._issued_fraction(hw, esize, p.chunk, p.block_n * p.block_c) >= 0.9, (c, hw)
+            assert p.block_n * p.block_c * p.chunk <= sa_op.TILE_ELEMS
+            assert sa_op._vector_width(esize, p.chunk, hw & -hw) == (4 if hw == 36 and esize == 2 else 16 // esize)
+            assert hw > 144 or p.groups == 1, (c, hw, p.groups)
+        for c, hw in F0_CHANNELS_LAST:
+            p = sa_op._plan(32 * hw, c, 1, esize, cuda, reduces=True)
+            assert c % p.block_c == 0 and p.block_c * esize >= 32
+            assert p.channel_blocks * p.groups >= 2 * 132, c  # enough programs for the device
+            assert p.groups * c * 4 <= 0.05 * 32 * hw * c * esize  # partial sums: a few % of dx
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_autocast_dtypes_at_a_6x6_stage(channels_last):
+    """What a bf16-autocast training step runs at F0's 6×6 stage, scaled down: bf16 activations
+    with an fp32 bias, H·W = 36 (8-byte vectors, a 4-wide remainder); dbias comes back in fp32."""
+    x, _, dout = make_inputs((2, 8, 6, 6), torch.bfloat16, channels_last=channels_last, seed=53)
+    bias = 0.5 * torch.randn(8, generator=torch.Generator().manual_seed(54), dtype=torch.float64)
+    bias = bias.to(DEVICE, torch.float32)
+    got = run_and_grad(x, bias, dout, "triton", act="gelu")
+    want = reference_and_grad(x, bias, dout, "gelu", nfk.NF_GAMMA["gelu"], 1.0)
+    plain = plain_torch_in_dtype(x, bias.to(torch.bfloat16), dout, "gelu", nfk.NF_GAMMA["gelu"], 1.0)
+    assert got[2].dtype == torch.float32
+    for name, g, w, base in zip(("forward", "dx", "dbias"), got, want, plain):
+        assert_close(g, w, tolerance(torch.bfloat16, "triton", rel_err(base, w)), name)
+
+
+# The CUDA kernels' work split (csrc/activations.cuh: make_act_plan, ActThread) walked on the
+# host: every element once, by a thread of its channel, in whole aligned vectors when the plan
+# says so; at F0's shapes at least 90% of the thread steps useful. Their numerics are checked on a
+# GPU by the "cuda" backend cases above.
+WORK_SPLIT_CHECK = r"""
+#include <cstdio>
+#include <vector>
+#include "activations.cuh"
+using namespace nfk;
+
+// Returns the fraction of useful thread steps, or -1 on a wrong walk.
+double walk(int64_t rows, int64_t cols, int64_t channels, bool on_rows, int vec, bool vector, bool reduces) {
+  const ActPlan p = make_act_plan(MatrixView{rows, cols, channels, on_rows}, vec, vector, 2, reduces);
+  std::vector<int> seen(rows * cols, 0);
+  double issued = 0, useful = 0;
+  for (int64_t block = 0; block < p.channel_blocks; ++block) {
+    for (int64_t group = 0; group < p.groups; ++group) {
+      int64_t steps = 0;
+      for (int t = 0; t < kThreads; ++t) {
+        int64_t s = 0;
+        for (ActThread w(p, vec, t, block, group); w.more(); w.next(p), ++s) {
+          const int64_t i = w.start(vec), end = w.stop();
+          if (vector && (i % vec != 0 || i + vec > end)) return -1;
+          for (int e = 0; e < vec && i + e < end; ++e, ++useful) {
+            const int64_t c = on_rows ? (i + e) / cols % channels : (i + e) % cols;
+            if (c != (on_rows ? w.channel : w.channel + e)) return -1;
+            ++seen[i + e];
+          }
+        }
+        steps = s > steps ? s : steps;
+      }
+      issued += static_cast<double>(steps) * kThreads * vec;
+    }
+  }
+  for (int count : seen) {
+    if (count != 1) return -1;
+  }
+  return issued > 0 ? useful / issued : 1;
+}
+
+int main() {
+  for (int64_t n : {1, 3, 33})
+    for (int64_t c : {1, 3, 8, 12, 67, 130})
+      for (int64_t hw : {1, 3, 4, 9, 36, 49})
+        for (int vec : {1, 2, 4, 8})
+          for (bool reduces : {true, false}) {
+            if (walk(n * c, hw, c, true, vec, hw % vec == 0, reduces) < 0) printf("bad nchw %ld %ld %ld\n", n, c, hw);
+            if (hw == 1 && walk(n, c, c, false, vec, c % vec == 0, reduces) < 0) printf("bad cl %ld %ld\n", n, c);
+          }
+  const int64_t nchw[][2] = {%NCHW%}, cl[][2] = {%CL%};
+  for (bool reduces : {true, false}) {
+    for (const auto& s : nchw) {  // bf16: 8-wide vectors, 4-wide for H·W = 36
+      const int vec = s[1] % 8 == 0 ? 8 : 4;
+      printf("nchw %ld %ld %.3f\n", s[0], s[1], walk(32 * s[0], s[1], s[0], true, vec, true, reduces));
+    }
+    for (const auto& s : cl) {
+      printf("cl %ld %ld %.3f\n", s[0], s[1], walk(32 * s[1], s[0], s[0], false, 8, true, reduces));
+    }
+  }
+  return 0;
+}
+"""
+
+
+def test_cuda_work_split_covers_every_element_once(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    if not Path(nvcc).exists():
+        pytest.skip("needs nvcc to compile the CUDA headers for the host")
+    pairs = lambda shapes: ", ".join(f"{{{c}, {hw}}}" for c, hw in shapes)  # noqa: E731
+    source = WORK_SPLIT_CHECK.replace("%NCHW%", pairs(F0_NCHW)).replace("%CL%", pairs(F0_CHANNELS_LAST))
+    (tmp_path / "walk.cu").write_text(source)
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    subprocess.run([nvcc, "-std=c++17", "-O1", f"-I{csrc}", str(tmp_path / "walk.cu"), "-o", str(tmp_path / "walk")],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(tmp_path / "walk")], check=True, capture_output=True, text=True).stdout
+    assert "bad" not in out, out
+    busy = [float(line.split()[-1]) for line in out.splitlines()]
+    assert len(busy) == 2 * (len(F0_NCHW) + len(F0_CHANNELS_LAST)) and min(busy) >= 0.9, out
 
 
 # f'(NaN) as torch's elementwise backward formulas define it (its CUDA kernels, and its CPU

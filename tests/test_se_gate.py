@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nfkernels as nfk
+from nfkernels import _backend as nfk_backend
 from nfkernels.ops import _utils as op_utils, se_gate as se_op
 from nfk_testing import DEVICE, assert_close, backends_for, rel_err, tolerance
 
@@ -194,23 +195,95 @@ def test_non_contiguous_h(backend):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("rd", [5, None])
-def test_tiles_smaller_than_the_tensor(monkeypatch, channels_last, rd):
-    """Channel blocks, HW loops and partial tiles: the masks and the loops over HW."""
+@pytest.mark.parametrize("rd, split", [(5, False), (None, False), (5, True)], ids=["whole_hw", "no_se", "split_hw"])
+def test_tiles_smaller_than_the_tensor(monkeypatch, channels_last, rd, split):
+    """Channel blocks, HW loops and partial tiles: the masks and the loops over HW; with
+    split_hw the reductions also split HW into several splits, the last one partial."""
     monkeypatch.setattr(se_op, "REDUCE_TILE", 16)
     monkeypatch.setattr(se_op, "STREAM_TILE", 8)
     monkeypatch.setattr(se_op, "MAX_BLOCK_C", 4)
+    monkeypatch.setattr(se_op, "FINISH_BLOCK", 8)
+    monkeypatch.setattr(se_op, "MIN_SPLIT_HW", 5 if split else 10**6)
+    monkeypatch.setattr(se_op, "DEFAULT_SMS", 50)  # a smaller GPU: fewer, longer splits, a faster test
+    plan = se_op._reduce_plan(3, 10, 63, not channels_last, se_op.PROGRAMS_PER_SM * se_op.DEFAULT_SMS)
+    assert (plan.splits > 2 and 63 % plan.split_hw != 0) if split else plan.splits == 1
     t, dout = make_inputs((3, 10, 7, 9), rd, ALL, torch.float64, channels_last, seed=11)
     got = run_and_grad(t, dout, "triton")
     assert_all_close(got, reference_and_grad(t, dout), 1e-6)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reductions_split_hw_for_small_batches(backend, channels_last, dtype):
+    """Few samples × channels, a large map: both reductions split HW (default plans: Triton's
+    _reduce_plan, CUDA's se_reduce_splits), add the splits up in a later kernel, and match float64
+    math, forward and backward."""
+    shape = (2, 8, 16, 16)
+    t, dout = make_inputs(shape, 3, ALL, dtype, channels_last, seed=14)
+    h = t["h"]
+    splits = se_op._triton_plan(h)[0].splits if backend == "triton" else se_op._cuda_plan(h)[1]
+    assert splits > 1
+    got = run_and_grad(t, dout, backend)
+    assert_all_close(got, reference_and_grad(t, dout), tolerance(dtype, backend))
+
+
+# NFNet-F0's SE shapes at batch 32 (block outputs: channels, H·W) and an H100's SMs.
+F0_SE = [(256, 48 * 48), (512, 24 * 24), (1536, 12 * 12), (1536, 6 * 6)]
+H100_SMS = 132
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_reduction_plans_fill_an_h100_at_f0_shapes(channels_last):
+    """Issue 13: at batch 32 every Triton HW reduction runs at least 2 programs per SM, keeps at
+    least 90% of its tiles' lanes busy, and splits HW only where batch × channel blocks alone
+    fall short (channels_last stages 0 and 1)."""
+    for c, hw in F0_SE:
+        plan = se_op._reduce_plan(32, c, hw, not channels_last, 2 * H100_SMS)
+        programs = plan.grid[0] * plan.grid[1]
+        busy = hw / (cdiv(hw, plan.block_hw) * plan.block_hw) * c / (cdiv(c, plan.block_c) * plan.block_c)
+        assert programs >= 2 * H100_SMS and busy >= 0.9, (c, hw, plan)
+        assert plan.split_hw % plan.block_hw == 0 and plan.splits == cdiv(hw, plan.split_hw)
+        assert (plan.splits > 1) == (32 * cdiv(c, plan.block_c) < 2 * H100_SMS), (c, hw, plan)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_stream_tiles_keep_lanes_busy_at_f0_shapes(channels_last):
+    """Issue 13: the Triton streaming kernels' tiles (_blocks) keep at least 90% of their lanes
+    busy at F0's SE shapes, within STREAM_TILE, and in NCHW span at least MIN_ROW_RUN positions."""
+    for c, hw in F0_SE:
+        block_c, block_hw = se_op._blocks(c, hw, not channels_last, se_op.STREAM_TILE)
+        busy = hw / (cdiv(hw, block_hw) * block_hw) * c / (cdiv(c, block_c) * block_c)
+        assert busy >= 0.9 and block_c * block_hw <= se_op.STREAM_TILE, (c, hw, block_c, block_hw)
+        assert channels_last or block_hw >= se_op.MIN_ROW_RUN, (c, hw, block_c, block_hw)
+
+
+@pytest.mark.skipif(nfk_backend.cuda_extension() is None, reason="nfkernels._C is not built")
+def test_cuda_reductions_split_where_blocks_are_few():
+    """CUDA's plan (csrc/se_gate.cu plan_reduce), F0 at batch 32 on an H100: channels_last splits
+    HW where batch × column tiles give fewer than 2 blocks per SM, NCHW's row bands never do; no
+    split where one block is enough."""
+    splits = nfk_backend.cuda_extension().se_reduce_splits
+    for dtype in ("bfloat16", "float32"):
+        assert [splits(32, c, hw, False, dtype, 2 * H100_SMS) for c, hw in F0_SE] == [1, 1, 1, 1]
+    assert [splits(32, c, hw, True, "bfloat16", 2 * H100_SMS) for c, hw in F0_SE] == [9, 5, 2, 1]
+    assert [splits(32, c, hw, True, "float32", 2 * H100_SMS) for c, hw in F0_SE] == [5, 3, 1, 1]
+    assert splits(32, 256, 2304, True, "bfloat16", 1) == 1
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
-@pytest.mark.parametrize("rd", [2, None])
-def test_channel_sums_loop_over_samples(monkeypatch, rd):
-    """The per-channel sums over samples in several sample blocks, the last one partial."""
-    monkeypatch.setattr(se_op, "REDUCE_TILE", 4)
-    monkeypatch.setattr(se_op, "MAX_BLOCK_C", 2)
+@pytest.mark.parametrize("rd", [5, None])
+@pytest.mark.parametrize("split", [False, True], ids=["whole_hw", "split_hw"])
+def test_channel_sums_loop_over_samples(monkeypatch, rd, split):
+    """The per-channel sums over samples (and over hidden units for db1) in several blocks,
+    the last one partial, adding S1 and S2 over one or several splits of HW."""
+    monkeypatch.setattr(se_op, "SMALL_BLOCK_C", 2)
+    monkeypatch.setattr(se_op, "SUMS_TILE", 4)
+    monkeypatch.setattr(se_op, "MIN_SPLIT_HW", 2 if split else 10**6)
     t, dout = make_inputs((5, 3, 2, 3), rd, ALL, torch.float64, seed=12)
     t["mask"] = torch.tensor([1.25, 0.0, 1.25, 1.25, 0.5], dtype=torch.float32, device=DEVICE)
     got = run_and_grad(t, dout, "triton")
@@ -285,13 +358,16 @@ def test_empty_spatial(backend, shape, rd, channels_last):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
 @pytest.mark.parametrize("rd", [3, None])
-def test_triton_kernels_are_what_runs(count_launches, rd):
-    names = ("_se_pool_fwd_kernel", "_se_gate_fwd_kernel", "_se_gate_bwd_reduce_kernel", "_se_gate_bwd_kernel",
-             "_se_gate_bwd_sums_kernel")
+@pytest.mark.parametrize("split", [False, True], ids=["whole_hw", "split_hw"])
+def test_triton_kernels_are_what_runs(count_launches, monkeypatch, rd, split):
+    names = ("_se_pool_fwd_kernel", "_se_pool_finish_kernel", "_se_gate_fwd_kernel", "_se_gate_bwd_reduce_kernel",
+             "_se_gate_bwd_dz_kernel", "_se_gate_bwd_kernel", "_se_gate_bwd_sums_kernel")
     counters = [count_launches(se_op, name) for name in names]
+    monkeypatch.setattr(se_op, "MIN_SPLIT_HW", 2 if split else 10**6)
     t, dout = make_inputs((2, 6, 3, 3), rd, ALL, torch.float32, seed=31)
     run_and_grad(t, dout, "triton")
-    expected = [1 if rd is not None else 0, 1, 1, 1, 1]  # no SE, nothing to pool
+    se = rd is not None  # no SE: nothing to pool, no dz
+    expected = [int(se), int(se and split), 1, 1, int(se and split), 1, 1]
     assert [c.count for c in counters] == expected
     run_and_grad(t, dout, "torch")
     assert [c.count for c in counters] == expected
@@ -343,18 +419,22 @@ class LaunchCounter(TorchDispatchMode):
         return launches
 
 
-# (SE, every optional argument) -> the most launches of the forward, of the backward (fp32): the
-# SE MLP's matmuls, relu and its backward and the reductions that make its gradients, around the
-# pooling, gate, backward reduction, backward streaming and per-channel sums kernels.
-MAX_LAUNCHES = {(True, True): (5, 10), (True, False): (5, 9), (False, True): (1, 4), (False, False): (1, 3)}
+# (SE, every optional argument) -> the most launches of the forward, of the backward (fp32), HW
+# split in the reductions: the SE MLP's matmuls (fc1 with its relu when it has a bias), relu's
+# backward and dk's sum around the pooling (+ finish), gate, backward reduction (+ dz's finish),
+# backward streaming and per-channel sums kernels. Unsplit, one fewer each way with SE.
+MAX_LAUNCHES = {(True, True): (5, 10), (True, False): (6, 9), (False, True): (1, 4), (False, False): (1, 3)}
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
 @pytest.mark.parametrize("se, full", list(MAX_LAUNCHES), ids=str)
-def test_launches_per_block(monkeypatch, se, full):
+@pytest.mark.parametrize("split", [False, True], ids=["whole_hw", "split_hw"])
+def test_launches_per_block(monkeypatch, se, full, split):
     """One SE block's forward and backward in a few launches: the gate's scalars are formed
-    inside the kernels, and nothing is zero-filled for the gradients of pool, hidden and logits,
-    which nobody asks for (materialize_grads off)."""
+    inside the kernels, the splits of HW are added up in kernels that run anyway where they can,
+    and nothing is zero-filled for the gradients of pool, hidden and logits, which nobody asks
+    for (materialize_grads off)."""
+    monkeypatch.setattr(se_op, "MIN_SPLIT_HW", 2 if split else 10**6)
     t, dout = make_inputs((2, 6, 3, 3), 3 if se else None, ALL if full else NONE, torch.float32, seed=43)
     if not full:
         t["shortcut"] = None
@@ -367,6 +447,8 @@ def test_launches_per_block(monkeypatch, se, full):
         got = torch.autograd.grad(out, inputs, dout)
         backward = counter.take()
     max_forward, max_backward = MAX_LAUNCHES[se, full]
+    if se and not split:
+        max_forward, max_backward = max_forward - 1, max_backward - 1
     assert len(forward) <= max_forward, forward
     assert len(backward) <= max_backward, backward
     assert not any("zero" in op or "fill" in op for op in backward), backward

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nfkernels as nfk
+from nfkernels.ops import agc as agc_ops
 from nfkernels.ops import sgd_agc as sgd_ops
 from nfkernels.optim import SGD_AGC, nfnet_param_groups
 from nfk_testing import DEVICE, assert_close, backends_for
@@ -92,7 +93,13 @@ def test_tracks_torch_sgd_with_timm_agc(backend, options):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp32_few_steps(backend):
+@pytest.mark.parametrize("small_blocks", [False, True], ids=["blocks", "small-blocks"])
+def test_fp32_few_steps(backend, small_blocks, monkeypatch):
+    """With small blocks, the gains and the SkipInit scalar span several single-element programs,
+    and the rows (whole 16-byte vectors or not) several row programs of several iterations."""
+    if small_blocks:
+        for knob, value in dict(ROW_TILE_BYTES=64, MIN_COLS=2, FLAT_BLOCK=4).items():
+            monkeypatch.setattr(agc_ops, knob, value)
     params = make_params(torch.float32)
     gen = torch.Generator().manual_seed(2)
     steps = [random_grads(params, gen) for _ in range(4)]
@@ -157,6 +164,24 @@ def test_grad_laid_out_unlike_param(backend):
     run_ours([w, v], [([0, 1], {})], steps, backend, lr=0.5)
     assert_close(w, ref[0], 1e-6)
     assert_close(v, ref[1], 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_1x1_conv_weight_whose_grad_differs_only_on_size_1_strides_is_fused(backend):
+    """A channels_last 1x1 conv weight, strides (3, 1, 3, 3), with the gradient cuDNN and the CPU
+    convolution give it, strides (3, 1, 1, 1): the same memory order, so the fused step takes it
+    (it went to the torch path at every NFNet 1x1 conv, 29 of F0's weights in channels_last)."""
+    w = torch.nn.Parameter(torch.randn(8, 3, 1, 1, dtype=torch.float64, device=DEVICE).to(memory_format=torch.channels_last))
+    assert w.stride() == (3, 1, 3, 3)
+    gen = torch.Generator().manual_seed(15)
+    steps = [[(torch.randn(8, 3, 1, 1, generator=gen, dtype=torch.float64) * 0.05).to(DEVICE)] for _ in range(3)]
+    assert steps[0][0].stride() == (3, 1, 1, 1)
+    ref = reference_run([w], [([0], {})], steps, lr=0.5, momentum=0.9, nesterov=True)
+    opt = run_ours([w], [([0], {})], steps, backend, lr=0.5)
+    assert_close(w, ref[0], 1e-6)
+    if backend != "torch":
+        (plan,) = opt._plans.values()
+        assert not plan.unfused and len(plan.launches) == 1
 
 
 def test_nfnet_param_groups():
@@ -341,8 +366,6 @@ def test_plan_built_once_and_steps_exact(backend, set_to_none, monkeypatch):
     """The step's plan and row tables are built on the first step only, whether the gradients stay
     in place (zero_grad(set_to_none=False)) or are new tensors every step (torch's default); with
     gradients in place not even the table of addresses is rebuilt. Every step stays exact."""
-    from nfkernels.ops import agc as agc_ops
-
     built = []
     real = agc_ops.unit_table
     monkeypatch.setattr(agc_ops, "unit_table", lambda operands: built.append(1) or real(operands))

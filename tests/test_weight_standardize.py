@@ -119,16 +119,32 @@ def test_without_gain(backend):
     assert_close(dw, ref_dw, tolerance(torch.float64, backend), "dweight")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_channels_last_weight_keeps_layout(backend):
-    w, gain, dout = make_inputs((16, 8, 3, 3), torch.float64, with_gain=True, channels_last=True, seed=7)
+def assert_fp64_timm_match(w, gain, dout, backend):
+    """Forward and both gradients of fp64 ``w`` against timm's formula in float64; returns Ŵ."""
     out, dw, dg = run_and_grad(w, gain, dout, backend)
     ref, ref_dw, ref_dg = reference_and_grad(w, gain, dout, 1.0, 1e-5, "timm")
-    assert out.is_contiguous(memory_format=torch.channels_last)
     tol = tolerance(torch.float64, backend)
     assert_close(out, ref, tol, "forward")
     assert_close(dw, ref_dw, tol, "dweight")
     assert_close(dg, ref_dg, tol, "dgain")
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_weight_keeps_layout(backend):
+    w, gain, dout = make_inputs((16, 8, 3, 3), torch.float64, with_gain=True, channels_last=True, seed=7)
+    out = assert_fp64_timm_match(w, gain, dout, backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_1x1_weight_with_contiguous_grad(backend):
+    """A 1x1 conv weight in channels_last (strides (8, 1, 8, 8)) and the gradient a convolution
+    gives it (strides (8, 1, 1, 1)): one memory order, read as it is."""
+    w, gain, dout = make_inputs((16, 8, 1, 1), torch.float64, with_gain=True, seed=8)
+    w = torch.empty_strided(w.shape, (8, 1, 8, 8), dtype=w.dtype, device=w.device).copy_(w)  # model.to(channels_last)
+    assert w.stride() == (8, 1, 8, 8) and dout.stride() == (8, 1, 1, 1)
+    assert_fp64_timm_match(w, gain, dout, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,12 +153,7 @@ def test_non_contiguous_weight_and_grad(backend):
     w_view = w[:, ::2]  # no dense row view: the op copies, the result is still right
     dout_t = dout[:, ::2].transpose(2, 3).contiguous().transpose(2, 3)  # grad in another layout
     gain = torch.stack([gain, -gain], dim=1).reshape(-1, 1, 1, 1)[::2]  # strided gain: read with its stride
-    out, dw, dg = run_and_grad(w_view, gain, dout_t, backend)
-    ref, ref_dw, ref_dg = reference_and_grad(w_view, gain, dout_t, 1.0, 1e-5, "timm")
-    tol = tolerance(torch.float64, backend)
-    assert_close(out, ref, tol, "forward")
-    assert_close(dw, ref_dw, tol, "dweight")
-    assert_close(dg, ref_dg, tol, "dgain")
+    assert_fp64_timm_match(w_view, gain, dout_t, backend)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")

@@ -21,6 +21,13 @@ def new_empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS and out.is_floating_point() else out
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` put every index at the same element offset: equal shapes and equal
+    strides on every dim longer than 1 (a size-1 dim's stride is arbitrary: a 1x1 conv weight's
+    gradient may carry other strides there than the weight and still share its memory order)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

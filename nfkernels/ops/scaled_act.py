@@ -51,14 +51,26 @@ build those from tl.exp/tl.log with accuracy-preserving forms (see _expm1, _log1
 Compiled kernels take the Python float γ·scale as an fp32 argument, so fp64 results agree with
 float64 math to ~1e-7 relative there (the interpreter keeps it fp64).
 
-The CUDA kernels of csrc/scaled_act.cu (``torch.ops.nfkernels.scaled_act_fwd_cuda`` / ``_bwd_cuda``)
-run the same math on the same (R, K) view, behind the same autograd formula; they take coeff
-in the accumulation dtype and reduce dbias with their own deterministic two-stage sum.
+Work split (_plan): x is walked as (N, C, HW) with channels on dim 1, NCHW as (N, C, H·W) and
+channels-last or (N, C) as (pixels, C, 1). A program covers a block of channels and a share of
+their rows, in tiles whose width is a power of two that fits the row: NFNet's H·W are 9·2^k
+(2304 = 4·512 + 256, 36 = 2·16 + 4), which a next-power-of-two tile would pad by up to 44%. The
+backward finishes dbias in the kernel: a channel block's program writes it, or, when the block is
+split over several programs, the one that finishes last adds their partial sums (fixed order):
+one kernel launch per call each way, plus a zeroed counter (torch.zeros) for a split backward.
+
+The CUDA kernels of csrc/scaled_act_fwd.cu and _bwd.cu (``torch.ops.nfkernels.scaled_act_fwd_cuda``
+/ ``_bwd_cuda``) run the same math on the same (N, C, HW) view, behind the same autograd formula,
+with their own split (make_act_plan in csrc/activations.cuh): each thread walks vectors of its
+own channels (8-byte vectors where 16-byte ones do not fit the rows, as at H·W = 36 in bf16).
+They take coeff in the accumulation dtype and finish dbias the same way, counters zeroed by the
+launcher (cudaMemsetAsync).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +101,29 @@ ACTIVATIONS = tuple(NF_GAMMA)
 
 LEAKY_RELU_SLOPE = 0.01  # the kernels spell it, and selu's λ and α, as literals
 
-# A program's tile holds about TILE_ELEMS elements, at most MAX_BLOCK_K of them along a row.
-# The backward with channels on columns loops over row tiles so that at most MAX_ROW_GROUPS
-# partial dbias rows are written, keeping that buffer small next to dx. Tests lower all three.
-TILE_ELEMS = 4096
-MAX_BLOCK_K = 1024
-MAX_ROW_GROUPS = 1024
+# Tile geometry (see _plan). A tile is [BLOCK_N, BLOCK_C, width] of the (N, C, HW) view with about
+# TILE_ELEMS elements (16 per thread of NUM_WARPS warps; for fp64 an eighth, one 16-byte vector per
+# thread: its erf, exp and division subroutines take many registers, and spilled with more), width
+# a power of two: a row of H·W elements is covered by H·W // CHUNK tiles CHUNK wide plus one tile
+# per set bit of the rest, so no lane idles on padding. Channels-last tiles hold at most
+# MAX_BLOCK_C channels, so the dbias partial sums stay few next to dx. Tests lower these.
+TILE_ELEMS = 2048
+MAX_CHUNK = 1024
+MAX_BLOCK_C = 64
+NUM_WARPS = 4
+# Programs the launchers aim for, per streaming multiprocessor: fewer leave the memory system
+# idle. (CPU_PROGRAMS in all under the interpreter, which runs programs one after the other; tests
+# raise it to split channel blocks.) A backward that splits a channel block's work over several
+# programs pays for it with a zeroed counter and the last program's finish, so it splits only
+# blocks of at least SPLIT_MIN_ELEMS elements and only while under half the target.
+PROGRAMS_PER_SM = 4
+CPU_PROGRAMS = 1
+SPLIT_MIN_ELEMS = 8 * 2048
+# The last program of a split channel block adds the partial sums FINISH_ELEMS at a time.
+FINISH_ELEMS = 2048
+# A row piece narrower than this many bytes reads part of a 32-byte sector per row: avoided
+# unless the row itself is that short.
+MIN_SEGMENT_BYTES = 32
 
 
 @triton.jit
@@ -213,83 +242,147 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(x_ptr, y_ptr, rows, row_mask, b, col0, coeff, ACT: tl.constexpr, ACC: tl.constexpr,
+              WIDTH: tl.constexpr):
+    """y = coeff·f(x + b) on columns [col0, col0 + WIDTH) of the rows."""
+    offsets = rows[:, :, None] + (col0 + tl.arange(0, WIDTH))[None, None, :]
+    mask = row_mask[:, :, None]
+    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) + b
+    tl.store(y_ptr + offsets, (_act_fwd(z, ACT) * coeff).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_tile(dy_ptr, x_ptr, dx_ptr, rows, row_mask, b, col0, coeff, ACT: tl.constexpr, ACC: tl.constexpr,
+              WIDTH: tl.constexpr):
+    """dx = dy·coeff·f'(x + b) on columns [col0, col0 + WIDTH) of the rows; returns each row's
+    sum of dx over those columns ([BLOCK_N, BLOCK_C], 0 on masked rows)."""
+    offsets = rows[:, :, None] + (col0 + tl.arange(0, WIDTH))[None, None, :]
+    mask = row_mask[:, :, None]
+    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) + b
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    dx = tl.where(mask, dy * _act_grad(z, ACT) * coeff, 0.0)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(dx, axis=2)
+
+
+@triton.jit
+def _partial_rows(partial_ptr, g0, c, c_mask, C, groups, ROWS: tl.constexpr):
+    """partial[g0 + i, c] for i < ROWS ([ROWS, BLOCK_C], 0 past the last group), read with .cg:
+    from L2, where the other programs' stores are, never from a stale L1 line."""
+    g = g0 + tl.arange(0, ROWS)
+    return tl.load(partial_ptr + g[:, None] * C + c[None, :], mask=(g < groups)[:, None] & c_mask[None, :], other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
 def _scaled_act_fwd_kernel(
     x_ptr, bias_ptr, y_ptr,
-    R, K, C, coeff,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    N, C, coeff, iters_per_group, groups,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_FP64: tl.constexpr, HW: tl.constexpr, C_ALIGN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """y = coeff · f(x + b_c) on one (BLOCK_R, BLOCK_K) tile of the (R, K) row-major view of x.
+    """y = coeff · f(x + b_c) for x seen as (N, C, HW), channel dim 1 (coeff = γ·scale).
 
-    coeff = γ·scale. The channel of an element is its row mod C (NCHW: rows are (n, c) planes)
-    or its column (channels-last: rows are pixels). Math in fp32 (fp64 for fp64 inputs).
+    Program (channel block, group) covers channels [BLOCK_C·block, +BLOCK_C) and its group's
+    share of the block's iterations, one (n step of BLOCK_N samples, column chunk) each; the last
+    chunk of a row also covers the row's remainder, one tile per set bit of HW % CHUNK. Math in
+    fp32 (fp64 for fp64 inputs).
     """
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_mask = rows < R
-    col_mask = cols < K
-    mask = row_mask[:, None] & col_mask[None, :]
-    offsets = rows[:, None] * K + cols[None, :]
-    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    pid = tl.program_id(0)
+    group = pid % groups
+    c = (pid // groups) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
     if HAS_BIAS:
-        if CHANNEL_ON_ROWS:
-            z += tl.load(bias_ptr + rows % C, mask=row_mask, other=0.0).to(acc_dtype)[:, None]
-        else:
-            z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(acc_dtype)[None, :]
-    y = _act_fwd(z, ACT) * coeff
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+        b = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[None, :, None]
+    else:
+        b = tl.zeros([1, BLOCK_C, 1], dtype=acc_dtype)
+    NUM_CHUNKS: tl.constexpr = HW // CHUNK
+    REST: tl.constexpr = HW % CHUNK
+    first = group * iters_per_group
+    end = tl.minimum(first + iters_per_group, tl.cdiv(N, BLOCK_N) * NUM_CHUNKS)
+    for it in range(first, end):
+        chunk = it % NUM_CHUNKS
+        # The (n, c) rows of this step, [BLOCK_N, BLOCK_C]. C_ALIGN divides C: it tells the compiler
+        # that channels-last rows start at multiples of it, so their loads vectorize when C is not a
+        # multiple of 16. (Written out here: the interpreter pays for every jit helper call.)
+        n = (it // NUM_CHUNKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (tl.multiple_of(n.to(tl.int64) * C, C_ALIGN) * HW)[:, None] + (c.to(tl.int64) * HW)[None, :]
+        row_mask = (n < N)[:, None] & c_mask[None, :]
+        _fwd_tile(x_ptr, y_ptr, rows, row_mask, b, chunk * CHUNK, coeff, ACT, acc_dtype, CHUNK)
+        if REST > 0:
+            if chunk == NUM_CHUNKS - 1:
+                for bit in tl.static_range(0, 11):
+                    if (REST >> bit) & 1:
+                        _fwd_tile(x_ptr, y_ptr, rows, row_mask, b, HW - (REST & ((2 << bit) - 1)), coeff, ACT,
+                                  acc_dtype, 1 << bit)
 
 
 @triton.jit
 def _scaled_act_bwd_kernel(
-    dy_ptr, x_ptr, bias_ptr, dx_ptr, partial_ptr,
-    R, K, C, coeff, row_tiles,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr,
-    ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    dy_ptr, x_ptr, bias_ptr, dx_ptr, dbias_ptr, partial_ptr, counter_ptr,
+    N, C, coeff, iters_per_group, groups,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, ACC_FP64: tl.constexpr,
+    HW: tl.constexpr, C_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
+    SPLIT: tl.constexpr, FINISH_ROWS: tl.constexpr, FINISH_STEPS: tl.constexpr,
 ):
-    """dx = dy · coeff · f'(x + b_c) over ``row_tiles`` consecutive row tiles of one column tile,
-    plus, when BIAS_GRAD, deterministic partial sums of dx for dbias (no atomics; the launcher
-    adds them up in a fixed order):
+    """dx = dy · coeff · f'(x + b_c) and, when BIAS_GRAD, dbias_c = Σ of dx over dims 0 and 2,
+    for x seen as (N, C, HW), with the programs of _scaled_act_fwd_kernel.
 
-    CHANNEL_ON_ROWS: partial[row, pid_k] = Σ of dx over this tile's columns of that row
-                     (shape (R, number of column tiles); row_tiles is 1);
-    otherwise:       partial[pid_r, col] = Σ of dx over this program's rows of that column
-                     (shape (number of row groups, K)).
+    dbias is finished here, in a fixed order (no float atomics): each program sums its rows per
+    channel (row sums, then a tree over the block's rows). Unless SPLIT, a program is its channel
+    block's only one and writes dbias. With SPLIT, the ``groups`` programs of a block each write
+    partial[group, c], then count themselves in counter[block] (zeroed per call; the barrier and
+    the acq_rel atomic order every thread's partial store before the count); the one that counts
+    last adds partial[0..groups) for the block's channels in an order set by ``groups`` alone,
+    whichever program it is.
     """
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    cols = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    pid = tl.program_id(0)
+    group = pid % groups
+    block = pid // groups
+    c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
     if HAS_BIAS:
-        if not CHANNEL_ON_ROWS:
-            bias_cols = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(acc_dtype)
+        b = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[None, :, None]
+    else:
+        b = tl.zeros([1, BLOCK_C, 1], dtype=acc_dtype)
+    NUM_CHUNKS: tl.constexpr = HW // CHUNK
+    REST: tl.constexpr = HW % CHUNK
+    row_sums = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype)
+    first = group * iters_per_group
+    end = tl.minimum(first + iters_per_group, tl.cdiv(N, BLOCK_N) * NUM_CHUNKS)
+    for it in range(first, end):
+        chunk = it % NUM_CHUNKS
+        n = (it // NUM_CHUNKS) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows as in _scaled_act_fwd_kernel
+        rows = (tl.multiple_of(n.to(tl.int64) * C, C_ALIGN) * HW)[:, None] + (c.to(tl.int64) * HW)[None, :]
+        row_mask = (n < N)[:, None] & c_mask[None, :]
+        row_sums += _bwd_tile(dy_ptr, x_ptr, dx_ptr, rows, row_mask, b, chunk * CHUNK, coeff, ACT, acc_dtype, CHUNK)
+        if REST > 0:
+            if chunk == NUM_CHUNKS - 1:
+                for bit in tl.static_range(0, 11):
+                    if (REST >> bit) & 1:
+                        row_sums += _bwd_tile(dy_ptr, x_ptr, dx_ptr, rows, row_mask, b, HW - (REST & ((2 << bit) - 1)),
+                                              coeff, ACT, acc_dtype, 1 << bit)
     if BIAS_GRAD:
-        if not CHANNEL_ON_ROWS:
-            col_sums = tl.zeros([BLOCK_K], dtype=acc_dtype)
-    for tile in range(0, row_tiles):
-        rows = (pid_r * row_tiles + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_mask = rows < R
-        mask = row_mask[:, None] & col_mask[None, :]
-        offsets = rows[:, None] * K + cols[None, :]
-        z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-        if HAS_BIAS:
-            if CHANNEL_ON_ROWS:
-                z += tl.load(bias_ptr + rows % C, mask=row_mask, other=0.0).to(acc_dtype)[:, None]
-            else:
-                z += bias_cols[None, :]
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-        dx = tl.where(mask, dy * _act_grad(z, ACT) * coeff, 0.0)
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if BIAS_GRAD:
-            if CHANNEL_ON_ROWS:
-                tl.store(partial_ptr + rows * tl.num_programs(1) + pid_k, tl.sum(dx, axis=1), mask=row_mask)
-            else:
-                col_sums += tl.sum(dx, axis=0)
-    if BIAS_GRAD:
-        if not CHANNEL_ON_ROWS:
-            tl.store(partial_ptr + pid_r * K + cols, col_sums, mask=col_mask)
+        channel_sums = tl.sum(row_sums, axis=0)
+        if SPLIT:
+            tl.store(partial_ptr + group * C + c, channel_sums, mask=c_mask)
+            tl.debug_barrier()  # every thread's partial store precedes the release below
+            if tl.atomic_add(counter_ptr + block, 1, sem="acq_rel") == groups - 1:
+                # The last program adds FINISH_ROWS groups at a time, elementwise, then across
+                # rows once. A step or two are unrolled (a loop here made ptxas spill a few bytes
+                # at some shapes); more are a loop (unrolled, their loads took 150 registers).
+                total = tl.zeros([FINISH_ROWS, BLOCK_C], dtype=acc_dtype)
+                if FINISH_STEPS <= 2:
+                    for step in tl.static_range(FINISH_STEPS):
+                        total += _partial_rows(partial_ptr, step * FINISH_ROWS, c, c_mask, C, groups, FINISH_ROWS)
+                else:
+                    for g0 in tl.range(0, groups, FINISH_ROWS, num_stages=1):
+                        total += _partial_rows(partial_ptr, g0, c, c_mask, C, groups, FINISH_ROWS)
+                tl.store(dbias_ptr + c, tl.sum(total, axis=0).to(dbias_ptr.dtype.element_ty), mask=c_mask)
+        else:
+            tl.store(dbias_ptr + c, channel_sums.to(dbias_ptr.dtype.element_ty), mask=c_mask)
 
 
 def _matrix_view(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
@@ -320,15 +413,111 @@ def _dense(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return x, *view
 
 
-def _tiles(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    block_k = min(next_power_of_2(n_cols), MAX_BLOCK_K)
-    block_r = min(next_power_of_2(n_rows), max(1, TILE_ELEMS // block_k))
-    num_warps = 8 if block_r * block_k >= 4096 else 4
-    return block_r, block_k, num_warps
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Plan(NamedTuple):
+    """The launch geometry of one call (see _plan)."""
+    n: int  # samples (NCHW) or pixels (channels-last, (N, C)): dim 0 of the (N, C, HW) view
+    c: int
+    hw: int
+    block_n: int
+    block_c: int
+    chunk: int
+    channel_blocks: int
+    groups: int  # programs per channel block
+    iters_per_group: int
+    c_align: int
+
+
+def _vector_width(esize: int, width: int, align: int) -> int:
+    """Elements per access of a tile ``width`` wide whose row starts are multiples of ``align``."""
+    return max(1, min(16 // esize, width, align))
+
+
+def _issued_fraction(hw: int, esize: int, chunk: int, rows: int) -> float:
+    """Useful / issued element slots of a row of ``hw`` in CHUNK tiles plus the remainder's
+    tiles, ``rows`` rows each: a tile of fewer elements than NUM_WARPS·32 threads times their
+    vector width leaves the rest of the threads repeating the same elements."""
+    threads, align = 32 * NUM_WARPS, hw & -hw
+    widths = [chunk] * (hw // chunk) + [1 << bit for bit in range(chunk.bit_length()) if (hw % chunk) >> bit & 1]
+    issued = sum(max(rows * w, threads * _vector_width(esize, w, align)) for w in widths)
+    return rows * hw / issued
+
+
+def _tile_elems(esize: int) -> int:
+    return TILE_ELEMS // 8 if esize == 8 else TILE_ELEMS
+
+
+def _chunk(hw: int, esize: int) -> int:
+    """CHUNK for rows of ``hw``: the widest power of two (at most MAX_CHUNK and a tile, row pieces
+    at least MIN_SEGMENT_BYTES) whose tiles keep within 5% as many lanes busy as the best. (The
+    same under the interpreter, which has no lanes: what tests/test_kernels_compile.py records
+    there is what a GPU launches.)"""
+    if hw == 1:
+        return 1
+    widest = min(1 << (hw.bit_length() - 1), MAX_CHUNK, _tile_elems(esize))
+    narrowest = min(widest, max(1, MIN_SEGMENT_BYTES // esize))
+    candidates = [1 << k for k in range(narrowest.bit_length() - 1, widest.bit_length())]
+    scores = {ch: _issued_fraction(hw, esize, ch, max(1, _tile_elems(esize) // ch)) for ch in candidates}
+    best = max(scores.values())
+    return max(ch for ch, s in scores.items() if s >= best - 0.05)
+
+
+def _programs_target(device: torch.device) -> int:
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return CPU_PROGRAMS
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _plan(n: int, c: int, hw: int, esize: int, device: torch.device, *, reduces: bool) -> _Plan:
+    """Tiles and programs for an (n, c, hw) tensor of ``esize``-byte elements.
+
+    NCHW (hw > 1): CHUNK from _chunk, and the tile's TILE_ELEMS // CHUNK rows go to samples first
+    (up to all of them), then to channels, so that channel blocks are many and each one's work a
+    few tiles. Channels-last (hw = 1): BLOCK_C is C's largest power-of-two divisor (no masked
+    lane) unless that is narrower than a 32-byte sector (then C rounded up to a power of two),
+    capped at MAX_BLOCK_C. Each channel block is split over ``groups`` programs when there are
+    too few blocks for the device; a reduction (``reduces``) first narrows its NCHW channel blocks
+    and splits only when that is not enough and the split pays for its finish.
+    """
+    target = _programs_target(device)
+    if hw > 1:
+        chunk = _chunk(hw, esize)
+        rows = max(1, _tile_elems(esize) // chunk)
+        block_n = min(rows, next_power_of_2(n))
+        block_c = min(rows // block_n, next_power_of_2(c))
+        # A reduction narrows its channel blocks, down to one channel, before it splits them:
+        # more programs that still each finish their channels' sums (at 32×768×6×6, 384 programs
+        # instead of 192), with no counter or finish. The tiles shrink, and stay full.
+        while reduces and block_c > 1 and 2 * triton.cdiv(c, block_c) < target:
+            block_c //= 2
+    else:
+        chunk = 1
+        divisor = c & -c
+        block_c = divisor if divisor * esize >= MIN_SEGMENT_BYTES or divisor == c else next_power_of_2(c)
+        block_c = min(block_c, MAX_BLOCK_C, _tile_elems(esize))
+        block_n = min(max(1, _tile_elems(esize) // block_c), next_power_of_2(n))
+    channel_blocks = triton.cdiv(c, block_c)
+    iters = triton.cdiv(n, block_n) * (hw // chunk)
+    groups = max(1, min(iters, triton.cdiv(target, channel_blocks)))
+    if reduces and (2 * channel_blocks >= target or n * block_c * hw < SPLIT_MIN_ELEMS):
+        groups = 1
+    iters_per_group = max(1, triton.cdiv(iters, groups))
+    groups = max(1, triton.cdiv(iters, iters_per_group))
+    return _Plan(n, c, hw, block_n, block_c, chunk, channel_blocks, groups, iters_per_group, min(16, c & -c))
+
+
+def _nch(x_rows: torch.Tensor, channel_on_rows: bool, n_channels: int) -> tuple[int, int, int]:
+    """(N, C, HW) of the (R, K) view: (R / C, C, K) with channels on rows, else (R, K, 1)."""
+    n_rows, n_cols = x_rows.shape
+    return (n_rows // n_channels, n_channels, n_cols) if channel_on_rows else (n_rows, n_cols, 1)
 
 
 def _fwd_buffers(x: torch.Tensor):
@@ -350,23 +539,19 @@ def _bwd_buffers(dy: torch.Tensor, x: torch.Tensor):
     return x, x_rows, channel_on_rows, dy_view[0], dx, _matrix_view(dx)[0]
 
 
-def _dbias_result(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return dbias.to(bias.dtype).view(bias.shape)
-
-
 def _scaled_act_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float) -> torch.Tensor:
-    """Launch the forward kernel: y = coeff·f(x + b_c), laid out like x (or, when x is neither
-    NCHW- nor channels-last-dense, like its contiguous copy)."""
+    """Launch the forward kernel (one launch): y = coeff·f(x + b_c), laid out like x (or, when x
+    is neither NCHW- nor channels-last-dense, like its contiguous copy)."""
     x, x_rows, channel_on_rows, y, y_rows = _fwd_buffers(x)
-    n_rows, n_cols = x_rows.shape
-    block_r, block_k, num_warps = _tiles(n_rows, n_cols)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k))
+    if x.numel() == 0:
+        return y
+    p = _plan(*_nch(x_rows, channel_on_rows, x.shape[1]), x.element_size(), x.device, reduces=False)
     launch(
-        _scaled_act_fwd_kernel, grid,
+        _scaled_act_fwd_kernel, (p.channel_blocks * p.groups,),
         x_rows, _flat(bias) if bias is not None else x_rows, y_rows,
-        n_rows, n_cols, x.shape[1], coeff,
-        ACT=act, HAS_BIAS=bias is not None, CHANNEL_ON_ROWS=channel_on_rows,
-        ACC_FP64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+        p.n, p.c, coeff, p.iters_per_group, p.groups,
+        ACT=act, HAS_BIAS=bias is not None, ACC_FP64=x.dtype == torch.float64, HW=p.hw, C_ALIGN=p.c_align,
+        BLOCK_N=p.block_n, BLOCK_C=p.block_c, CHUNK=p.chunk, num_warps=NUM_WARPS,
     )
     return y
 
@@ -374,36 +559,32 @@ def _scaled_act_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coe
 def _scaled_act_bwd(
     dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float, need_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel. Returns (dx laid out like the dense ``x``, dbias in bias's
-    shape and dtype, or an empty tensor when not asked for: an op cannot return None)."""
+    """Launch the backward kernel: one launch, plus a zeroed counter when the dbias of a channel
+    block is split over several programs. Returns (dx laid out like the dense ``x``, dbias in
+    bias's shape and dtype, or an empty tensor when not asked for: an op cannot return None)."""
     x, x_rows, channel_on_rows, dy_rows, dx, dx_rows = _bwd_buffers(dy, x)
-    n_rows, n_cols = x_rows.shape
-    n_channels = x.shape[1]
-    block_r, block_k, num_warps = _tiles(n_rows, n_cols)
-    row_blocks, col_blocks = triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_k)
     bias_grad = bias is not None and need_bias_grad
-    # Only the column-channel dbias needs programs to span several row tiles (fewer partials).
-    row_tiles = max(1, triton.cdiv(row_blocks, MAX_ROW_GROUPS)) if bias_grad and not channel_on_rows else 1
-    row_groups = triton.cdiv(row_blocks, row_tiles)
-    partial = None
+    if x.numel() == 0:
+        return dx, (torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device) if bias_grad else dx.new_empty(0))
+    p = _plan(*_nch(x_rows, channel_on_rows, x.shape[1]), x.element_size(), x.device, reduces=bias_grad)
+    dbias = partial = counter = None
+    split = bias_grad and p.groups > 1
     if bias_grad:
-        shape = (n_rows, col_blocks) if channel_on_rows else (row_groups, n_cols)
-        partial = new_empty(shape, device=x.device, dtype=_acc_dtype(x.dtype))
+        dbias = new_empty(p.c, device=x.device, dtype=bias.dtype)
+    finish_rows = min(next_power_of_2(p.groups), max(1, FINISH_ELEMS // p.block_c)) if split else 1
+    if split:
+        partial = new_empty((p.groups, p.c), device=x.device, dtype=_acc_dtype(x.dtype))
+        counter = torch.zeros(p.channel_blocks, device=x.device, dtype=torch.int32)
     launch(
-        _scaled_act_bwd_kernel, (row_groups, col_blocks),
+        _scaled_act_bwd_kernel, (p.channel_blocks * p.groups,),
         dy_rows, x_rows, _flat(bias) if bias is not None else x_rows, dx_rows,
-        partial if bias_grad else dx_rows,
-        n_rows, n_cols, n_channels, coeff, row_tiles,
-        ACT=act, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, CHANNEL_ON_ROWS=channel_on_rows,
-        ACC_FP64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+        dbias if bias_grad else dx_rows, partial if split else dx_rows, counter if split else dx_rows,
+        p.n, p.c, coeff, p.iters_per_group, p.groups,
+        ACT=act, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, ACC_FP64=x.dtype == torch.float64, HW=p.hw,
+        C_ALIGN=p.c_align, BLOCK_N=p.block_n, BLOCK_C=p.block_c, CHUNK=p.chunk, SPLIT=split,
+        FINISH_ROWS=finish_rows, FINISH_STEPS=triton.cdiv(p.groups, finish_rows) if split else 1, num_warps=NUM_WARPS,
     )
-    if not bias_grad:
-        return dx, dx.new_empty(0)
-    if channel_on_rows:  # rows are (n, c) planes in n-major order
-        dbias = partial.sum(dim=1).view(-1, n_channels).sum(dim=0)
-    else:
-        dbias = partial.sum(dim=0)
-    return dx, _dbias_result(dbias, bias)
+    return dx, (dbias.view(bias.shape) if bias_grad else dx.new_empty(0))
 
 
 def _flat(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -412,7 +593,7 @@ def _flat(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _scaled_act_fwd_cuda(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float) -> torch.Tensor:
-    """``_scaled_act_fwd`` through the CUDA kernel of nfkernels._C (same output)."""
+    """``_scaled_act_fwd`` through the CUDA kernel of nfkernels._C (same output, one launch)."""
     x, x_rows, channel_on_rows, y, y_rows = _fwd_buffers(x)
     n_rows, n_cols = x_rows.shape
     cuda_launch(
@@ -426,28 +607,28 @@ def _scaled_act_fwd_cuda(x: torch.Tensor, bias: Optional[torch.Tensor], act: str
 def _scaled_act_bwd_cuda(
     dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], act: str, coeff: float, need_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_scaled_act_bwd`` through the CUDA kernels of nfkernels._C (same outputs); dbias is
-    summed on the device from the kernel's partial sums, in a fixed order."""
+    """``_scaled_act_bwd`` through the CUDA kernel of nfkernels._C (same outputs): one launch,
+    dbias finished inside it in bias's dtype; a workspace (partial sums, counters it zeroes)
+    only when the kernel splits a channel block."""
     from nfkernels import _backend
 
     x, x_rows, channel_on_rows, dy_rows, dx, dx_rows = _bwd_buffers(dy, x)
     n_rows, n_cols = x_rows.shape
     n_channels = x.shape[1]
     bias_grad = bias is not None and need_bias_grad
-    acc = _acc_dtype(x.dtype)
     dbias = workspace = None
     if bias_grad:
         size = _backend.cuda_extension().scaled_act_bwd_workspace(
             n_rows, n_cols, n_channels, channel_on_rows, dtype_name(x.dtype))
-        workspace = new_empty(size, device=x.device, dtype=acc)
-        dbias = new_empty(n_channels, device=x.device, dtype=acc)
+        workspace = new_empty(size, device=x.device, dtype=_acc_dtype(x.dtype)) if size else None
+        dbias = new_empty(n_channels, device=x.device, dtype=bias.dtype)
     cuda_launch(
         "scaled_act_bwd", x.device,
         # The kernels read dy in x's dtype, which autograd already gives (the cast is then a no-op).
         dy_rows.to(x.dtype), x_rows, _flat(bias), dx_rows, dbias, workspace, n_rows, n_cols, n_channels,
         channel_on_rows, x.dtype, dtype_name(bias.dtype if bias is not None else None), act, coeff,
     )
-    return dx, (_dbias_result(dbias, bias) if bias_grad else dx.new_empty(0))
+    return dx, (dbias.view(bias.shape) if bias_grad else dx.new_empty(0))
 
 
 _COMPILED = kernels_are_compiled(_scaled_act_fwd_kernel)

@@ -20,15 +20,21 @@ Backward, with S1 = Σ_hw dout and S2 = Σ_hw dout·hb per (n, c):
     dW2 = dzᵀ·r,  db2 = Σ_n dz,  da = (dz·W2) ⊙ [a > 0],  dW1 = daᵀ·p,  db1 = Σ_n da,  dp = da·W1
     dh = dout·coef + dp/HW,  db_c = Σ_n (coef·S1 + dp)
 
-Five kernels: the pooling (bias and 1/HW folded in), the gate forward (coef formed from z, m, k
-and the gain inside it), the backward reduction (S1, S2 and from them every per-(n, c) term the
-parameter gradients sum over samples: S1, coef·S1, S2·u, dz), the backward streaming (dh, coef
-formed again) and the per-channel sums over samples of those terms. The SE MLP and its gradients
-run on (N, C) with torch matmuls. Launches per call (fp32, every option present): forward 5 with
-SE (pool, fc1, relu, fc2, gate), 1 without; backward 10 with SE (reduction, 4 matmuls, relu's
-backward, db1, streaming, sums, dk), 4 without (tests/test_se_gate.py counts them). The backward
-reads dout twice and h once and writes dh once. dk is taken from u, never by dividing by k (k is 0
-at init).
+The kernels: the pooling (bias and 1/HW folded in), the gate forward (coef formed from z, m, k
+and the gain inside it), the backward reduction (S1 and S2 per (n, c); dz from them), the backward
+streaming (dh, coef formed again) and the per-channel sums over samples (S1, coef·S1 + dp, S2·u,
+dz, and da for db1). The two reductions over HW split it where batch × channel blocks would leave
+SMs idle (``_reduce_plan``: NFNet-F0's channels_last stages 0 and 1 at batch 32); the splits'
+partial sums are then added in split order, for the pooling by a finish kernel, for dz by one too
+(the SE MLP's matmuls need it), and for S1, S2 by the per-channel sums, which read the splits
+themselves: deterministic, no atomics, no counters. The SE MLP and its gradients run on (N, C)
+with torch matmuls (fc1 with its relu in one ``_addmm_activation`` when it has a bias). Launches
+per call (fp32, every option present): forward 5 with SE (pool, its finish where split, fc1+relu,
+fc2, gate; 6 without an fc1 bias), 1 without; backward 10 with SE (reduction, dz's finish where
+split, 4 matmuls, relu's backward, streaming, sums, dk), 4 without (tests/test_se_gate.py counts
+them). The forward reads h twice (pool, gate) and the shortcut once and writes out once; the
+backward reads dout twice and h once and writes dh once: 4 + 4 passes over the activation,
+against a floor of 3 + 3. dk is taken from u, never by dividing by k (k is 0 at init).
 
 With HW = 0 the output has no elements, so nothing depends on any parameter and every gradient
 is 0. The mean over the empty map is then taken as 0 (torch's and timm's is NaN, which would
@@ -43,6 +49,7 @@ MLP and its gradients) is shared; each set is registered as its own pair of ops
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 from typing import NamedTuple, Optional
 
@@ -57,48 +64,111 @@ from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2
 # kernels give one tile to each program. Tests lower them to exercise the loops and the masks.
 REDUCE_TILE = 2048
 STREAM_TILE = 1024
-# In channels_last the channel axis is the contiguous one; this many channels per tile. Also the
-# channels of one program of the per-channel sums.
+# In channels_last the channel axis is the contiguous one; this many channels per tile.
 MAX_BLOCK_C = 128
+# The small (N, C) kernels: elements per program of the pooling's finish; channels per program
+# and elements per tile of the per-channel sums.
+FINISH_BLOCK = 256
+SMALL_BLOCK_C = 32
+SUMS_TILE = 1024
+# The HW reductions (pooling, backward reduction) aim for this many programs per SM, on
+# DEFAULT_SMS SMs (an H100's) where the tensors are not on a CUDA device. Where batch × channel
+# blocks fall short they split HW (``_reduce_plan``), each split at least MIN_SPLIT_HW positions
+# long: its partial sums (4 bytes per (n, c), two in the backward) then add at most ~3% to what
+# it reads from a bf16 tensor.
+PROGRAMS_PER_SM = 2
+DEFAULT_SMS = 132
+MIN_SPLIT_HW = 64
+# A tile along HW is a power of two; the largest one whose padding leaves at least this fraction
+# of the lanes busy is used (H·W = 36 in a 64-wide tile would leave 44% idle). Above 90%, so
+# that the other operands' masked lanes leave the whole kernel at 90% or more (F0 in NCHW: every
+# H·W but 36 is then covered exactly; 36 takes runs of MIN_ROW_RUN, 90%).
+MIN_BUSY_LANES = 0.95
+# In NCHW (HW contiguous) no tile is narrower than this many positions: shorter runs per row
+# would cost coalescing.
+MIN_ROW_RUN = 8
+
+
+@triton.jit
+def _split_program(C, HW, SPLIT_HW, BLOCK_C: tl.constexpr):
+    """(sample, channel indices, split, first hw, hw stop) of this program of a split reduction.
+
+    Grid (N·cdiv(C, BLOCK_C), splits): program (i, s) reduces channels cs of sample
+    n = i // cdiv(C, BLOCK_C) over hw in [s·SPLIT_HW, min((s + 1)·SPLIT_HW, HW)). Batch and channel
+    blocks share axis 0, which has no 65535 cap; the few splits take axis 1.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    cs = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    split = tl.program_id(1)
+    start = split * SPLIT_HW
+    return pid // c_blocks, cs, split, start, tl.minimum(start + SPLIT_HW, HW)
 
 
 @triton.jit
 def _se_pool_fwd_kernel(
-    h_ptr, bias_ptr, pool_ptr,
-    C, HW, stride_n, stride_c, stride_hw,
-    HAS_BIAS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    h_ptr, bias_ptr, out_ptr,
+    N, C, HW, stride_n, stride_c, stride_hw, SPLIT_HW,
+    HAS_BIAS: tl.constexpr, FINISH: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
-    """p_{n,c} = mean_hw h_{n,c,hw} + b_c for a block of channels of one sample.
+    """p_{n,c} = mean_hw h_{n,c,hw} + b_c for a block of channels of one sample; over several
+    splits of HW (FINISH off) the split's sum Σ_{hw in split} h_{n,c,hw} into out[split, n, c]
+    instead, which ``_se_pool_finish_kernel`` turns into p.
 
     Derivative: dh = dp/HW, db = Σ_n dp (done by the backward kernels). Source: timm SEModule's
-    ``x.mean((2, 3))`` on ``conv3(x)``, with conv3's bias folded in. Grid (N, cdiv(C, BLOCK_C));
-    loops over HW; accumulates in fp32 (fp64 for fp64), writes p in that dtype.
+    ``x.mean((2, 3))`` on ``conv3(x)``, with conv3's bias folded in. Grid as ``_split_program``;
+    loops over its hw in tiles; accumulates in fp32 (fp64 for fp64), writes in that dtype.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    n = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    n, cs, split, start, stop = _split_program(C, HW, SPLIT_HW, BLOCK_C)
     c_mask = cs < C
     hws = tl.arange(0, BLOCK_HW).to(tl.int64)
     row_base = n * stride_n + cs[:, None] * stride_c
     total = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    for start in range(0, HW, BLOCK_HW):
-        hw = start + hws
-        m = c_mask[:, None] & (hw < HW)[None, :]
+    for first in range(start, stop, BLOCK_HW):
+        hw = first + hws
+        m = c_mask[:, None] & (hw < stop)[None, :]
         x = tl.load(h_ptr + row_base + hw[None, :] * stride_hw, mask=m, other=0.0).to(acc_dtype)
         total += tl.sum(x, axis=1)
-    mean = total / HW  # in acc_dtype: a host-side fp32 1/HW would cost fp64 its precision
+    if FINISH:
+        mean = total / HW  # in acc_dtype: a host-side fp32 1/HW would cost fp64 its precision
+        if HAS_BIAS:
+            mean += tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(acc_dtype)
+        tl.store(out_ptr + n * C + cs, mean, mask=c_mask)
+    else:
+        tl.store(out_ptr + (split * N + n) * C + cs, total, mask=c_mask)
+
+
+@triton.jit
+def _se_pool_finish_kernel(
+    partial_ptr, bias_ptr, pool_ptr,
+    N, C, HW, SPLITS,
+    HAS_BIAS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """p_{n,c} = (Σ_s partial[s, n, c]) / HW + b_c: the pooling's splits added in split order
+    (deterministic, no atomics), on a flat block of the (N, C) elements."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    n, c = i // C, i % C
+    m = n < N
+    total = tl.zeros([BLOCK], dtype=acc_dtype)
+    for s in range(0, SPLITS):
+        total += tl.load(partial_ptr + (s * N + n) * C + c, mask=m, other=0.0)
+    mean = total / HW
     if HAS_BIAS:
-        mean += tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(acc_dtype)
-    tl.store(pool_ptr + n * C + cs, mean, mask=c_mask)
+        mean += tl.load(bias_ptr + c, mask=m, other=0.0).to(acc_dtype)
+    tl.store(pool_ptr + i, mean, mask=m)
 
 
 @triton.jit
 def _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo,
                    HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr, ACC_FP64: tl.constexpr):
-    """(gain·m_n, k·gain·m_n) of sample n in the accumulation dtype: u and coef before the gate.
+    """(gain·m_n, k·gain·m_n) of sample(s) n in the accumulation dtype: u and coef before the gate.
 
     gain = α·attn_gain (α without SE) comes as two fp32 halves (``_fp32_pair``), added in the
-    accumulation dtype; m (accumulation dtype) and k (h's dtype or fp32) are read from memory.
+    accumulation dtype; m (accumulation dtype) and k (h's dtype or fp32) are read from memory,
+    m unmasked: n must index a sample.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     scale = tl.cast(gain_hi, acc_dtype) + tl.cast(gain_lo, acc_dtype)
@@ -111,14 +181,13 @@ def _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo,
 
 
 @triton.jit
-def _sigmoid_and_slope(logits_ptr, n, cs, c_mask, C):
-    """(σ(z), σ(z)σ(−z)) of sample n's logits at channels cs (σ' = σ(z)σ(−z) = g(1 − g)).
+def _sigmoid_and_slope(z):
+    """(σ(z), σ(z)σ(−z)) of logits z (σ' = σ(z)σ(−z) = g(1 − g)).
 
     Both from e = exp(−|z|): no overflow for large |z|, and σ(z)σ(−z) = e/(1 + e)² keeps its
     relative accuracy where g rounds to 1, which g(1 − g) does not. Source: timm SEModule's
     ``x_se.sigmoid()``.
     """
-    z = tl.load(logits_ptr + n * C + cs, mask=c_mask, other=0.0)
     e = tl.exp(-tl.abs(z))
     r = 1.0 / (1.0 + e)
     return tl.where(z >= 0, r, e * r), e * r * r
@@ -133,7 +202,7 @@ def _coef(logits_ptr, mask_ptr, skip_ptr, n, cs, c_mask, C, gain_hi, gain_lo,
     _, coef_scale = _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo, HAS_MASK, HAS_SKIP, ACC_FP64)
     coef = tl.zeros([BLOCK_C], dtype=acc_dtype) + coef_scale
     if HAS_SE:
-        gate, _ = _sigmoid_and_slope(logits_ptr, n, cs, c_mask, C)
+        gate, _ = _sigmoid_and_slope(tl.load(logits_ptr + n * C + cs, mask=c_mask, other=0.0))
         coef = coef * gate
     return coef
 
@@ -188,22 +257,22 @@ def _se_gate_fwd_kernel(
 
 @triton.jit
 def _se_gate_bwd_reduce_kernel(
-    dout_ptr, h_ptr, bias_ptr, logits_ptr, mask_ptr, skip_ptr, s1_ptr, coef_s1_ptr, s2_u_ptr, dz_ptr,
-    C, HW, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
-    HAS_BIAS: tl.constexpr, HAS_SE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr,
+    dout_ptr, h_ptr, bias_ptr, logits_ptr, mask_ptr, skip_ptr, sums_ptr, dz_ptr,
+    N, C, HW, stride_n, stride_c, stride_hw, SPLIT_HW, gain_hi, gain_lo,
+    HAS_BIAS: tl.constexpr, HAS_DZ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr,
     ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """S1_{n,c} = Σ_hw dout, S2_{n,c} = Σ_hw dout·(h + b_c) for a block of channels of one sample,
-    and from them the (N, C) terms the parameter gradients sum over samples (module docstring):
-    S1 (→ dsb), coef·S1 (→ db), S2·u (→ dk; from u, not coef/k: k is 0 at init) and, with SE,
-    dz = S2·k·gain·m_n·σ(z)σ(−z) (→ the SE MLP).
+    """S1 = Σ dout and S2 = Σ dout·(h + b_c) over one split of hw, for a block of channels of one
+    sample, into sums[0, split, n, c] and sums[1, split, n, c]; with HAS_DZ (SE and a single split)
+    also dz = S2·k·gain·m_n·σ(z)σ(−z) (→ the SE MLP), which ``_se_gate_bwd_dz_kernel`` forms from
+    the splits otherwise.
 
-    S2 = ∂L/∂coef. Grid (N, cdiv(C, BLOCK_C)); each program owns its outputs and loops over HW,
-    so the sums are deterministic (no atomics). fp32 accumulation (fp64 for fp64).
+    S2 = ∂L/∂coef, S1 the biases' (module docstring). Grid as ``_split_program``; each program owns
+    its outputs and loops over its hw, so the sums are deterministic (no atomics). fp32
+    accumulation (fp64 for fp64).
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    n = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    n, cs, split, start, stop = _split_program(C, HW, SPLIT_HW, BLOCK_C)
     c_mask = cs < C
     hws = tl.arange(0, BLOCK_HW).to(tl.int64)
     row_base = n * stride_n + cs[:, None] * stride_c
@@ -211,12 +280,12 @@ def _se_gate_bwd_reduce_kernel(
     if HAS_BIAS:
         b = tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(acc_dtype)
     # Whole-tile accumulators, reduced once after the loop: Triton 3.6's thread-locality pass
-    # asserts on a loop-carried tl.sum whose result has more than one use (s1 and s2 have two).
+    # asserts on a loop-carried tl.sum whose result has more than one use.
     s1_tile = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
     s2_tile = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
-    for start in range(0, HW, BLOCK_HW):
-        hw = start + hws
-        m = c_mask[:, None] & (hw < HW)[None, :]
+    for first in range(start, stop, BLOCK_HW):
+        hw = first + hws
+        m = c_mask[:, None] & (hw < stop)[None, :]
         offs = row_base + hw[None, :] * stride_hw
         dy = tl.load(dout_ptr + offs, mask=m, other=0.0).to(acc_dtype)
         x = tl.load(h_ptr + offs, mask=m, other=0.0).to(acc_dtype)
@@ -224,18 +293,35 @@ def _se_gate_bwd_reduce_kernel(
         s2_tile += dy * (x + b[:, None])
     s1 = tl.sum(s1_tile, axis=1)
     s2 = tl.sum(s2_tile, axis=1)
-    scale, coef_scale = _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo, HAS_MASK, HAS_SKIP, ACC_FP64)
-    u = tl.zeros([BLOCK_C], dtype=acc_dtype) + scale
-    coef = tl.zeros([BLOCK_C], dtype=acc_dtype) + coef_scale
-    nc = n * C + cs
-    if HAS_SE:
-        gate, slope = _sigmoid_and_slope(logits_ptr, n, cs, c_mask, C)
-        u = u * gate
-        coef = coef * gate
-        tl.store(dz_ptr + nc, s2 * coef_scale * slope, mask=c_mask)
-    tl.store(s1_ptr + nc, s1, mask=c_mask)
-    tl.store(coef_s1_ptr + nc, coef * s1, mask=c_mask)
-    tl.store(s2_u_ptr + nc, s2 * u, mask=c_mask)
+    splits = tl.num_programs(1)
+    tl.store(sums_ptr + (split * N + n) * C + cs, s1, mask=c_mask)
+    tl.store(sums_ptr + ((splits + split) * N + n) * C + cs, s2, mask=c_mask)
+    if HAS_DZ:
+        _, coef_scale = _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo, HAS_MASK, HAS_SKIP, ACC_FP64)
+        _, slope = _sigmoid_and_slope(tl.load(logits_ptr + n * C + cs, mask=c_mask, other=0.0))
+        tl.store(dz_ptr + n * C + cs, s2 * coef_scale * slope, mask=c_mask)
+
+
+@triton.jit
+def _se_gate_bwd_dz_kernel(
+    sums_ptr, logits_ptr, mask_ptr, skip_ptr, dz_ptr,
+    N, C, SPLITS, gain_hi, gain_lo,
+    HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dz_{n,c} = S2·k·gain·m_n·σ(z)σ(−z), S2 = Σ_s sums[1, s, n, c] added in split order: the SE
+    MLP's input gradient, from the splits of ``_se_gate_bwd_reduce_kernel`` (deterministic, no
+    atomics). One program per block of channels of one sample, on a flat grid."""
+    pid = tl.program_id(0).to(tl.int64)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    n = pid // c_blocks
+    cs = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = cs < C
+    s2 = tl.zeros([BLOCK_C], dtype=tl.float64 if ACC_FP64 else tl.float32)
+    for s in range(0, SPLITS):
+        s2 += tl.load(sums_ptr + ((SPLITS + s) * N + n) * C + cs, mask=c_mask, other=0.0)
+    _, coef_scale = _sample_scales(mask_ptr, skip_ptr, n, gain_hi, gain_lo, HAS_MASK, HAS_SKIP, ACC_FP64)
+    _, slope = _sigmoid_and_slope(tl.load(logits_ptr + n * C + cs, mask=c_mask, other=0.0))
+    tl.store(dz_ptr + n * C + cs, s2 * coef_scale * slope, mask=c_mask)
 
 
 @triton.jit
@@ -266,40 +352,73 @@ def _se_gate_bwd_kernel(
 
 @triton.jit
 def _se_gate_bwd_sums_kernel(
-    s1_ptr, coef_s1_ptr, s2_u_ptr, dz_ptr, dpool_ptr, dsbias_ptr, dbias_ptr, dskip_partial_ptr, dfc2_bias_ptr,
-    N, C,
-    HAS_SE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    sums_ptr, logits_ptr, mask_ptr, skip_ptr, dz_ptr, dpool_ptr, da_ptr,
+    dsbias_ptr, dbias_ptr, dskip_partial_ptr, dfc2_bias_ptr, dfc1_bias_ptr,
+    N, C, RD, SPLITS, gain_hi, gain_lo,
+    HAS_SE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SKIP: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per channel, over samples: dsb = Σ_n S1, db = Σ_n (coef·S1 + dp), dk_c = Σ_n S2·u (dk is
-    their sum) and, with SE, db2 = Σ_n dz; from the (N, C) terms of
-    ``_se_gate_bwd_reduce_kernel`` and dp.
+    their sum) and, with SE, db2 = Σ_n dz; S1 and S2 of each (n, c) added first over the splits
+    of ``_se_gate_bwd_reduce_kernel``, coef and u formed from the gate as there (module
+    docstring). With SE, the programs after the channel blocks also give db1 = Σ_n da per
+    hidden unit.
 
-    One program per block of channels loops over the samples in a fixed order: deterministic,
-    no atomics. Each gradient gets its own output: an op's outputs may not alias each other.
+    Each program owns a block of columns and loops over the samples, and each (n, c) over the
+    splits, in a fixed order: deterministic, no atomics. Each gradient gets its own output: an
+    op's outputs may not alias each other.
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    cs = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    c_mask = cs < C
-    dsbias = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    dbias = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    dskip = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    dfc2_bias = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        m = (ns < N)[:, None] & c_mask[None, :]
-        nc = ns[:, None] * C + cs[None, :]
-        dsbias += tl.sum(tl.load(s1_ptr + nc, mask=m, other=0.0), axis=0)
-        bias_terms = tl.load(coef_s1_ptr + nc, mask=m, other=0.0)
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    if pid < c_blocks:
+        cs = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        c_mask = cs < C
+        dsbias = tl.zeros([BLOCK_C], dtype=acc_dtype)
+        dbias = tl.zeros([BLOCK_C], dtype=acc_dtype)
+        dskip = tl.zeros([BLOCK_C], dtype=acc_dtype)
+        dfc2_bias = tl.zeros([BLOCK_C], dtype=acc_dtype)
+        for first in range(0, N, BLOCK_N):
+            ns = first + tl.arange(0, BLOCK_N).to(tl.int64)
+            n_ok = ns < N
+            m = n_ok[:, None] & c_mask[None, :]
+            nc = ns[:, None] * C + cs[None, :]
+            s1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype)
+            s2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype)
+            for s in range(0, SPLITS):  # (s·N + n)·C + c of the S1 splits, then of the S2 ones
+                s1 += tl.load(sums_ptr + (s * N + ns)[:, None] * C + cs[None, :], mask=m, other=0.0)
+                s2 += tl.load(sums_ptr + ((SPLITS + s) * N + ns)[:, None] * C + cs[None, :], mask=m, other=0.0)
+            # Rows past the batch read sample N - 1's scales (in bounds) and are zeroed below.
+            scale, coef_scale = _sample_scales(mask_ptr, skip_ptr, tl.minimum(ns, N - 1), gain_hi, gain_lo,
+                                               HAS_MASK, HAS_SKIP, ACC_FP64)
+            u = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype) + (tl.zeros([BLOCK_N], dtype=acc_dtype) + scale)[:, None]
+            coef = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype) + (
+                tl.zeros([BLOCK_N], dtype=acc_dtype) + coef_scale)[:, None]
+            bias_terms = coef * s1
+            if HAS_SE:
+                gate, _ = _sigmoid_and_slope(tl.load(logits_ptr + nc, mask=m, other=0.0))
+                bias_terms = gate * bias_terms
+                u = u * gate
+                bias_terms += tl.load(dpool_ptr + nc, mask=m, other=0.0)
+                dfc2_bias += tl.sum(tl.load(dz_ptr + nc, mask=m, other=0.0), axis=0)
+            dsbias += tl.sum(s1, axis=0)
+            dbias += tl.sum(tl.where(m, bias_terms, 0.0), axis=0)
+            dskip += tl.sum(tl.where(m, s2 * u, 0.0), axis=0)
+        tl.store(dsbias_ptr + cs, dsbias, mask=c_mask)
+        tl.store(dbias_ptr + cs, dbias, mask=c_mask)
+        tl.store(dskip_partial_ptr + cs, dskip, mask=c_mask)
         if HAS_SE:
-            bias_terms += tl.load(dpool_ptr + nc, mask=m, other=0.0)
-            dfc2_bias += tl.sum(tl.load(dz_ptr + nc, mask=m, other=0.0), axis=0)
-        dbias += tl.sum(bias_terms, axis=0)
-        dskip += tl.sum(tl.load(s2_u_ptr + nc, mask=m, other=0.0), axis=0)
-    tl.store(dsbias_ptr + cs, dsbias, mask=c_mask)
-    tl.store(dbias_ptr + cs, dbias, mask=c_mask)
-    tl.store(dskip_partial_ptr + cs, dskip, mask=c_mask)
-    if HAS_SE:
-        tl.store(dfc2_bias_ptr + cs, dfc2_bias, mask=c_mask)
+            tl.store(dfc2_bias_ptr + cs, dfc2_bias, mask=c_mask)
+    else:
+        if HAS_SE:
+            js = (pid - c_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+            j_mask = js < RD
+            dfc1_bias = tl.zeros([BLOCK_C], dtype=acc_dtype)
+            for first in range(0, N, BLOCK_N):
+                ns = first + tl.arange(0, BLOCK_N).to(tl.int64)
+                m = (ns < N)[:, None] & j_mask[None, :]
+                dfc1_bias += tl.sum(tl.load(da_ptr + ns[:, None] * RD + js[None, :], mask=m, other=0.0), axis=0)
+            tl.store(dfc1_bias_ptr + js, dfc1_bias, mask=j_mask)
 
 
 # ----------------------------------------------------------------------------- layout helpers
@@ -334,14 +453,86 @@ def _strides(h: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _blocks(c: int, hw: int, hw_contiguous: bool, tile: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW): the memory-contiguous axis gets the long side of the tile."""
+    """(BLOCK_C, BLOCK_HW) of the streaming kernels: the memory-contiguous axis gets the long side
+    of the tile; the HW side is lane-efficient (``_busy_block``, as in ``_reduce_plan``), no
+    shorter than MIN_ROW_RUN where it is the contiguous axis, and the channels fill the tile."""
     if hw_contiguous:
-        block_hw = min(next_power_of_2(hw), tile)
+        largest = min(next_power_of_2(hw), tile)
+        block_hw = _busy_block(hw, largest, min(largest, MIN_ROW_RUN))
         block_c = min(next_power_of_2(c), max(1, tile // block_hw))
     else:
         block_c = min(next_power_of_2(c), MAX_BLOCK_C, tile)
-        block_hw = min(next_power_of_2(hw), max(1, tile // block_c))
+        largest = min(next_power_of_2(hw), max(1, tile // block_c))
+        block_hw = _busy_block(hw, largest, min(largest, max(1, tile // 4 // block_c)))
     return block_c, block_hw
+
+
+def _busy_block(length: int, largest: int, smallest: int) -> int:
+    """The largest power of two in [``smallest``, ``largest``] whose tiles over ``length``
+    positions keep at least MIN_BUSY_LANES of their lanes busy, else ``smallest``."""
+    block = max(1, largest)
+    while block > smallest and length < MIN_BUSY_LANES * triton.cdiv(length, block) * block:
+        block //= 2
+    return block
+
+
+class ReducePlan(NamedTuple):
+    """How the HW reductions (pooling, backward reduction) cover an (N, C, HW) tensor: tiles of
+    block_c channels × block_hw positions; program (i, s) of ``grid`` = (N·cdiv(C, block_c),
+    splits) reduces hw in [s·split_hw, (s + 1)·split_hw) (``_split_program``)."""
+
+    block_c: int
+    block_hw: int
+    split_hw: int  # a multiple of block_hw, so only the last split's last tile is partial
+    splits: int
+    grid: tuple[int, int]
+
+
+def _reduce_plan(n: int, c: int, hw: int, hw_contiguous: bool, min_programs: int) -> ReducePlan:
+    """The HW axis gets a lane-efficient block (``_busy_block``), no shorter than MIN_ROW_RUN
+    positions where it is the contiguous one (NCHW) and no smaller than a quarter of REDUCE_TILE
+    per tile otherwise; then, while the grid has fewer than
+    ``min_programs`` programs, NCHW first narrows its channel blocks (free, down to a quarter of
+    REDUCE_TILE), and either layout then splits HW (each split MIN_SPLIT_HW long at least, its
+    tiles no longer than it), whose partial sums a later kernel adds up."""
+    small_tile = max(1, REDUCE_TILE // 4)
+    if hw_contiguous:
+        largest = min(next_power_of_2(hw), REDUCE_TILE)
+        smallest = min(largest, MIN_ROW_RUN)
+        block_hw = _busy_block(hw, largest, smallest)
+        block_c = min(next_power_of_2(c), max(1, REDUCE_TILE // block_hw))
+        while block_c > 1 and block_c * block_hw > small_tile and n * triton.cdiv(c, block_c) < min_programs:
+            block_c //= 2
+    else:
+        block_c = min(next_power_of_2(c), MAX_BLOCK_C, REDUCE_TILE)
+        largest = min(next_power_of_2(hw), max(1, REDUCE_TILE // block_c))
+        smallest = min(largest, max(1, small_tile // block_c))
+        block_hw = _busy_block(hw, largest, smallest)
+    programs = n * triton.cdiv(c, block_c)
+    splits = max(1, min(triton.cdiv(min_programs, max(programs, 1)), hw // MIN_SPLIT_HW))
+    if splits > 1:
+        cap = 1 << (triton.cdiv(hw, splits).bit_length() - 1)  # the largest power of two within a split
+        block_hw = _busy_block(hw, min(block_hw, cap), min(smallest, cap))
+    split_hw = triton.cdiv(triton.cdiv(hw, splits), block_hw) * block_hw
+    splits = triton.cdiv(hw, split_hw)
+    return ReducePlan(block_c, block_hw, split_hw, splits, (programs, splits))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _min_programs(device: torch.device) -> int:
+    """PROGRAMS_PER_SM × the SMs of ``device`` (DEFAULT_SMS off CUDA devices)."""
+    if device.type != "cuda":
+        return PROGRAMS_PER_SM * DEFAULT_SMS
+    return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _small_block(length: int) -> int:
+    """Block of the (N, C) kernels' flat or channel axis."""
+    return min(next_power_of_2(length), SMALL_BLOCK_C)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -367,13 +558,11 @@ class Gate(NamedTuple):
     gain: float  # α·attn_gain, or α without SE
 
 
-class GradTerms(NamedTuple):
-    """The backward reduction's (N, C) terms in the accumulation dtype (``_se_gate_bwd_reduce_kernel``)."""
+class GradSums(NamedTuple):
+    """The backward reduction's outputs in the accumulation dtype (``_se_gate_bwd_reduce_kernel``)."""
 
-    s1: torch.Tensor
-    coef_s1: torch.Tensor
-    s2_u: torch.Tensor
-    dz: torch.Tensor | None  # None without SE
+    sums: torch.Tensor  # (2, splits, N, C): S1 = Σ dout, then S2 = Σ dout·(h + b), over each split of hw
+    dz: torch.Tensor | None  # (N, C); None without SE
 
 
 _FP32_MAX = 3.4028234663852886e38
@@ -397,20 +586,36 @@ def _gate_args(gate: Gate, dummy: torch.Tensor) -> tuple[tuple, dict]:
     return (*tensors, *_fp32_pair(gate.gain)), flags
 
 
+def _triton_plan(h: torch.Tensor) -> tuple[ReducePlan, tuple[int, int, int]]:
+    """(plan, strides) of the Triton HW reductions over a native-layout h."""
+    n, c, hh, ww = h.shape
+    strides = _strides(h)
+    return _reduce_plan(n, c, hh * ww, strides[2] == 1, _min_programs(h.device)), strides
+
+
 def se_pool_triton(h, bias):
-    """p = mean_hw h + b as an (N, C) tensor in the accumulation dtype; h in native layout."""
+    """p = mean_hw h + b as an (N, C) tensor in the accumulation dtype; h in native layout. Over
+    several splits of HW, their partial sums are added up by ``_se_pool_finish_kernel``."""
     n, c, hh, ww = h.shape
     hw = hh * ww
     acc = _acc_dtype(h.dtype)
+    plan, strides = _triton_plan(h)
     pool = new_empty(n, c, device=h.device, dtype=acc)
-    stride_n, stride_c, stride_hw = _strides(h)
-    block_c, block_hw = _blocks(c, hw, stride_hw == 1, REDUCE_TILE)
+    partial = pool if plan.splits == 1 else new_empty(plan.splits, n, c, device=h.device, dtype=acc)
     launch(
-        _se_pool_fwd_kernel, (n, triton.cdiv(c, block_c)),
-        h, bias if bias is not None else h, pool,
-        c, hw, stride_n, stride_c, stride_hw,
-        HAS_BIAS=bias is not None, ACC_FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        _se_pool_fwd_kernel, plan.grid,
+        h, bias if bias is not None else h, partial,
+        n, c, hw, *strides, plan.split_hw,
+        HAS_BIAS=bias is not None, FINISH=plan.splits == 1, ACC_FP64=acc == torch.float64, BLOCK_C=plan.block_c,
+        BLOCK_HW=plan.block_hw,
     )
+    if plan.splits > 1:
+        launch(
+            _se_pool_finish_kernel, (triton.cdiv(n * c, FINISH_BLOCK),),
+            partial, bias if bias is not None else h, pool,
+            n, c, hw, plan.splits,
+            HAS_BIAS=bias is not None, ACC_FP64=acc == torch.float64, BLOCK=FINISH_BLOCK,
+        )
     return pool
 
 
@@ -434,67 +639,88 @@ def se_gate_triton_fwd(h, shortcut, gate, bias, shortcut_bias):
     return out
 
 
-def _new_terms(h, has_se) -> GradTerms:
+def _new_grad_sums(h, splits: int, has_se: bool) -> GradSums:
     """Uninitialized outputs of the backward reduction (the kernels write every element)."""
     n, c = h.shape[:2]
     acc = _acc_dtype(h.dtype)
-    s1, coef_s1, s2_u = (new_empty(n, c, device=h.device, dtype=acc) for _ in range(3))
-    return GradTerms(s1, coef_s1, s2_u, new_empty(n, c, device=h.device, dtype=acc) if has_se else None)
+    dz = new_empty(n, c, device=h.device, dtype=acc) if has_se else None
+    return GradSums(new_empty(2, splits, n, c, device=h.device, dtype=acc), dz)
 
 
 def se_gate_triton_bwd_reduce(dout, h, bias, gate):
-    """GradTerms of (S1, S2) = (Σ_hw dout, Σ_hw dout·(h + b)) per (n, c); dout already in h's layout."""
+    """GradSums of (S1, S2) = (Σ dout, Σ dout·(h + b)) per split of hw and (n, c), and dz with SE
+    (from the splits by ``_se_gate_bwd_dz_kernel`` where there are several); dout already in h's
+    layout."""
     n, c, hh, ww = h.shape
     hw = hh * ww
-    terms = _new_terms(h, gate.logits is not None)
-    stride_n, stride_c, stride_hw = _strides(h)
-    block_c, block_hw = _blocks(c, hw, stride_hw == 1, REDUCE_TILE)
+    plan, strides = _triton_plan(h)
+    has_se = gate.logits is not None
+    out = _new_grad_sums(h, plan.splits, has_se)
     (logits, mask, skip, gain_hi, gain_lo), gate_flags = _gate_args(gate, h)
+    del gate_flags["HAS_SE"]
+    fp64 = h.dtype == torch.float64
     launch(
-        _se_gate_bwd_reduce_kernel, (n, triton.cdiv(c, block_c)),
-        dout, h, bias if bias is not None else h, logits, mask, skip, terms.s1, terms.coef_s1, terms.s2_u,
-        terms.dz if terms.dz is not None else h,
-        c, hw, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
-        HAS_BIAS=bias is not None, **gate_flags, ACC_FP64=h.dtype == torch.float64, BLOCK_C=block_c,
-        BLOCK_HW=block_hw,
+        _se_gate_bwd_reduce_kernel, plan.grid,
+        dout, h, bias if bias is not None else h, logits, mask, skip, out.sums,
+        out.dz if out.dz is not None else h,
+        n, c, hw, *strides, plan.split_hw, gain_hi, gain_lo,
+        HAS_BIAS=bias is not None, HAS_DZ=has_se and plan.splits == 1, **gate_flags, ACC_FP64=fp64,
+        BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
     )
-    return terms
+    if has_se and plan.splits > 1:
+        block_c = min(next_power_of_2(c), MAX_BLOCK_C)
+        launch(
+            _se_gate_bwd_dz_kernel, (n * triton.cdiv(c, block_c),),
+            out.sums, logits, mask, skip, out.dz,
+            n, c, plan.splits, gain_hi, gain_lo,
+            **gate_flags, ACC_FP64=fp64, BLOCK_C=block_c,
+        )
+    return out
 
 
-def _new_channel_sums(terms: GradTerms):
-    """(dshortcut_bias, dbias, dskip_partial, dfc2_bias) outputs of the sums: (C,) each, dfc2_bias
-    (0,) without SE; distinct tensors, as an op's outputs may not alias each other."""
-    c, like = terms.s1.shape[1], terms.s1
-    sums = [new_empty(c, device=like.device, dtype=like.dtype) for _ in range(3)]
-    return (*sums, new_empty(c if terms.dz is not None else 0, device=like.device, dtype=like.dtype))
+def _new_channel_sums(sums: GradSums, rd: int):
+    """(dshortcut_bias, dbias, dskip_partial, dfc2_bias, dfc1_bias) outputs of the per-channel
+    sums: (C,) each, dfc1_bias (rd,); the last two (0,) without SE. Distinct tensors, as an op's
+    outputs may not alias each other."""
+    like = sums.sums
+    c = like.shape[-1]
+    has_se = sums.dz is not None
+    out = [new_empty(c, device=like.device, dtype=like.dtype) for _ in range(3)]
+    out.append(new_empty(c if has_se else 0, device=like.device, dtype=like.dtype))
+    out.append(new_empty(rd if has_se else 0, device=like.device, dtype=like.dtype))
+    return out
 
 
-def se_gate_triton_bwd(dout, gate, terms, dpool):
-    """(dh, dshortcut_bias, dbias, dskip_partial, dfc2_bias): dh = dout·coef + dp/HW in dout's
-    (= h's) layout, and the per-channel sums over samples of ``_se_gate_bwd_sums_kernel``."""
+def se_gate_triton_bwd(dout, gate, sums, dpool, da):
+    """(dh, dshortcut_bias, dbias, dskip_partial, dfc2_bias, dfc1_bias): dh = dout·coef + dp/HW in
+    dout's (= h's) layout, and the per-channel sums over samples of ``_se_gate_bwd_sums_kernel``
+    (da, the SE's (N, rd) hidden-unit gradient, and dpool None without SE)."""
     n, c, hh, ww = dout.shape
     hw = hh * ww
     dh = new_empty_like(dout)
     stride_n, stride_c, stride_hw = _strides(dout)
     block_c, block_hw = _blocks(c, hw, stride_hw == 1, STREAM_TILE)
     (logits, mask, skip, gain_hi, gain_lo), gate_flags = _gate_args(gate, dout)
-    fp64 = terms.s1.dtype == torch.float64
+    fp64 = sums.sums.dtype == torch.float64
     launch(
         _se_gate_bwd_kernel, (triton.cdiv(hw, block_hw) * triton.cdiv(c, block_c) * n,),
         dout, logits, mask, skip, dpool if dpool is not None else dout, dh,
         c, hw, stride_n, stride_c, stride_hw, gain_hi, gain_lo,
         **gate_flags, ACC_FP64=fp64, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
-    sums = _new_channel_sums(terms)
-    block_c, block_n = _blocks(c, n, False, REDUCE_TILE)  # the channel axis is the contiguous one
+    rd = da.shape[1] if da is not None else 0
+    outs = _new_channel_sums(sums, rd)
+    block_c = _small_block(c)
+    block_n = min(next_power_of_2(n), max(1, SUMS_TILE // block_c))
+    dummy = sums.sums  # never dereferenced without SE
     launch(
-        _se_gate_bwd_sums_kernel, (triton.cdiv(c, block_c),),
-        terms.s1, terms.coef_s1, terms.s2_u, terms.dz if terms.dz is not None else terms.s1,
-        dpool if dpool is not None else terms.s1, *sums,
-        n, c,
-        HAS_SE=terms.dz is not None, ACC_FP64=fp64, BLOCK_N=block_n, BLOCK_C=block_c,
+        _se_gate_bwd_sums_kernel, (triton.cdiv(c, block_c) + triton.cdiv(rd, block_c),),
+        sums.sums, logits, mask, skip, sums.dz if sums.dz is not None else dummy,
+        dpool if dpool is not None else dummy, da if da is not None else dummy, *outs,
+        n, c, rd, sums.sums.shape[1], gain_hi, gain_lo,
+        **gate_flags, ACC_FP64=fp64, BLOCK_N=block_n, BLOCK_C=block_c,
     )
-    return (dh, *sums)
+    return (dh, *outs)
 
 
 def _cuda_shape(h: torch.Tensor) -> tuple[int, int, int, bool]:
@@ -512,11 +738,29 @@ def _cuda_gate(gate: Gate) -> tuple:
     return gate.logits, gate.mask, gate.skip_gain, _param_dtype(gate.skip_gain), gate.gain
 
 
+@functools.lru_cache(maxsize=1024)
+def _cuda_splits_for(n: int, c: int, hw: int, channels_last: bool, dtype: str, min_blocks: int) -> int:
+    from nfkernels import _backend
+
+    return _backend.cuda_extension().se_reduce_splits(n, c, hw, channels_last, dtype, min_blocks)
+
+
+def _cuda_plan(h: torch.Tensor) -> tuple[int, int]:
+    """(min_blocks, splits) of the CUDA HW reductions over a native-layout h: the launches take
+    both, the caller sizes the splits' workspace by the second."""
+    min_blocks = _min_programs(h.device)
+    return min_blocks, _cuda_splits_for(*_cuda_shape(h), dtype_name(h.dtype), min_blocks)
+
+
 def se_pool_cuda(h, bias):
-    """se_pool_triton through the CUDA kernel of nfkernels._C (csrc/se_gate.cu)."""
+    """se_pool_triton through the CUDA kernels of nfkernels._C (csrc/se_gate.cu)."""
     n, c = h.shape[:2]
-    pool = new_empty(n, c, device=h.device, dtype=_acc_dtype(h.dtype))
-    cuda_launch("se_pool", h.device, h, bias, pool, *_cuda_shape(h), h.dtype, _param_dtype(bias))
+    acc = _acc_dtype(h.dtype)
+    min_blocks, splits = _cuda_plan(h)
+    pool = new_empty(n, c, device=h.device, dtype=acc)
+    partial = new_empty(splits, n, c, device=h.device, dtype=acc) if splits > 1 else None
+    cuda_launch("se_pool", h.device, h, bias, pool, partial, min_blocks, splits, *_cuda_shape(h), h.dtype,
+                _param_dtype(bias))
     return pool
 
 
@@ -529,21 +773,25 @@ def se_gate_cuda_fwd(h, shortcut, gate, bias, shortcut_bias):
 
 
 def se_gate_cuda_bwd_reduce(dout, h, bias, gate):
-    """se_gate_triton_bwd_reduce through the CUDA kernel of nfkernels._C."""
-    terms = _new_terms(h, gate.logits is not None)
+    """se_gate_triton_bwd_reduce through the CUDA kernels of nfkernels._C."""
+    min_blocks, splits = _cuda_plan(h)
+    out = _new_grad_sums(h, splits, gate.logits is not None)
     # The kernels read dout in h's dtype, which autograd already gives (the cast is then a no-op).
-    cuda_launch("se_gate_bwd_reduce", h.device, dout.to(h.dtype), h, bias, *_cuda_gate(gate), *terms,
-                *_cuda_shape(h), h.dtype, _param_dtype(bias))
-    return terms
+    cuda_launch("se_gate_bwd_reduce", h.device, dout.to(h.dtype), h, bias, *_cuda_gate(gate), out.sums, out.dz,
+                min_blocks, splits, *_cuda_shape(h), h.dtype, _param_dtype(bias))
+    return out
 
 
-def se_gate_cuda_bwd(dout, gate, terms, dpool):
+def se_gate_cuda_bwd(dout, gate, sums, dpool, da):
     """se_gate_triton_bwd through the CUDA kernels of nfkernels._C."""
     dh = new_empty_like(dout)
-    dsbias, dbias, dskip_partial, dfc2_bias = _new_channel_sums(terms)
-    cuda_launch("se_gate_bwd", dout.device, dout, *_cuda_gate(gate), *terms, dpool, dh, dsbias, dbias, dskip_partial,
-                dfc2_bias if terms.dz is not None else None, *_cuda_shape(dout), dout.dtype)
-    return dh, dsbias, dbias, dskip_partial, dfc2_bias
+    rd = da.shape[1] if da is not None else 0
+    outs = _new_channel_sums(sums, rd)
+    has_se = sums.dz is not None
+    cuda_launch("se_gate_bwd", dout.device, dout, *_cuda_gate(gate), sums.sums, sums.dz, sums.sums.shape[1], dpool,
+                da, rd, dh, *outs[:3], outs[3] if has_se else None, outs[4] if has_se else None, *_cuda_shape(dout),
+                dout.dtype)
+    return (dh, *outs)
 
 
 class Kernels(NamedTuple):
@@ -552,7 +800,7 @@ class Kernels(NamedTuple):
     pool: object
     gate_fwd: object
     bwd_reduce: object
-    bwd: object  # the backward streaming and the per-channel sums
+    bwd: object  # the backward streaming and the per-channel sums (db1 among them)
 
 
 TRITON_KERNELS = Kernels(se_pool_triton, se_gate_triton_fwd, se_gate_triton_bwd_reduce, se_gate_triton_bwd)
@@ -582,6 +830,14 @@ def _make_gate(logits, mask, skip_gain, alpha, attn_gain, acc) -> Gate:
     return Gate(logits, mask, skip_gain, alpha * attn_gain if logits is not None else alpha)
 
 
+def _linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """relu(x·Wᵀ + b): with a bias one launch (``_addmm_activation``, cuBLASLt's bias+relu
+    epilogue on CUDA), without one a matmul and a relu."""
+    if bias is None:
+        return torch.relu(x @ weight.t())
+    return torch._addmm_activation(bias, x, weight.t())
+
+
 def _forward(
     kernels: Kernels, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias, skip_gain, mask,
     alpha, attn_gain,
@@ -598,7 +854,7 @@ def _forward(
         pool = kernels.pool(h, bias)
         # The gate is computed in acc precision even under autocast, which would recast fc1/fc2.
         with _autocast_off(h.device.type):
-            hidden = torch.relu(F.linear(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc)))
+            hidden = _linear_relu(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc))
             logits = F.linear(hidden, _acc_matrix(fc2_weight, acc), _acc_vector(fc2_bias, acc))
         gate = _make_gate(logits, mask, skip_gain, alpha, attn_gain, acc)
     else:
@@ -620,17 +876,16 @@ def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, bias, skip
     dout = _in_layout_of(dout, h)
     has_se = fc1_weight is not None
     gate = _make_gate(logits if has_se else None, mask, skip_gain, alpha, attn_gain, acc)
-    terms = kernels.bwd_reduce(dout, h, _flat(bias), gate)
-    dw1, db1, dw2 = (terms.s1.new_empty(0) for _ in range(3))  # distinct: outputs may not alias
-    dpool = None
+    sums = kernels.bwd_reduce(dout, h, _flat(bias), gate)
+    dw1, dw2 = (sums.sums.new_empty(0) for _ in range(2))  # distinct: outputs may not alias
+    dpool = da = None
     if has_se:
         with _autocast_off(h.device.type):  # the SE's gradients in acc precision, as its forward
-            dw2 = terms.dz.t() @ hidden
-            da = torch.ops.aten.threshold_backward(terms.dz @ _acc_matrix(fc2_weight, acc), hidden, 0)  # relu's
+            dw2 = sums.dz.t() @ hidden
+            da = torch.ops.aten.threshold_backward(sums.dz @ _acc_matrix(fc2_weight, acc), hidden, 0)  # relu's
             dw1 = da.t() @ pool
-            db1 = da.sum(0)
             dpool = da @ _acc_matrix(fc1_weight, acc)
-    dh, dsb, dbias, dskip_partial, db2 = kernels.bwd(dout, gate, terms, dpool)
+    dh, dsb, dbias, dskip_partial, db2, db1 = kernels.bwd(dout, gate, sums, dpool, da)
     dskip = dskip_partial.sum() if skip_gain is not None else dskip_partial.new_empty(0)
     return dh, dw1, db1, dw2, db2, dbias, dsb, dskip
 

@@ -52,6 +52,7 @@ from nfkernels.ops._utils import (
     new_empty,
     new_empty_like,
     next_power_of_2,
+    same_layout,
 )
 
 # Rows up to this many elements stay in registers (one read of W); longer rows are streamed in
@@ -246,7 +247,7 @@ def _bwd_buffers(dout: torch.Tensor, weight: torch.Tensor, gain: Optional[torch.
     weight's memory order and its outputs."""
     weight, rows = contiguous_dim0_rows(weight)
     # dout must share weight's memory order so that row j of both holds the same elements.
-    if dout.stride() != weight.stride():
+    if not same_layout(dout, weight):
         dout = torch.empty_like(weight, dtype=dout.dtype).copy_(dout)
     dout_rows = contiguous_dim0_rows(dout)[1]
     dw = new_empty_like(weight)

@@ -12,6 +12,7 @@ from nfkernels.clip import (AGC_BACKENDS, FusedLaunch, ShardedWholeUnits, check_
                             layout_signature, local_units)
 from nfkernels.ops import agc as _agc
 from nfkernels.ops import sgd_agc as _ops
+from nfkernels.ops._utils import same_layout
 
 OP = "SGD_AGC"
 
@@ -166,8 +167,8 @@ class SGD_AGC(torch.optim.Optimizer):  # noqa: N801 (the name is fixed by the pu
                 backends[w.device] = _backend.resolve(OP, w.device, supported=AGC_BACKENDS)
             # The fused kernel reads element k of each row of p, g and buf as one element: their
             # layouts must agree. Any other layout takes the torch path.
-            if (backends[w.device] == "torch" or not _agc.has_dense_units(w) or g.stride() != w.stride()
-                    or bs[j].stride() != w.stride()):
+            if (backends[w.device] == "torch" or not _agc.has_dense_units(w) or not same_layout(g, w)
+                    or not same_layout(bs[j], w)):
                 unfused.append(j)
                 continue
             # Offsets count elements of each operand's first tensor: one dtype and one alignment
@@ -231,7 +232,7 @@ def _aligned_buffer(name: str, p: torch.Tensor, buf: torch.Tensor, state: dict) 
             f"{OP}: the momentum buffer of {name} has shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}; "
             f"expected {tuple(p.shape)}, {p.dtype} on {p.device} (a state dict of another model?)"
         )
-    if buf.stride() != p.stride():
+    if not same_layout(buf, p):
         buf = torch.empty_like(p).copy_(buf)
         state["momentum_buffer"] = buf
     return buf
