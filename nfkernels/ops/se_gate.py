@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from nfkernels.ops._triton import tl, triton
 
 from nfkernels.ops._library import cuda_launch, define_cuda_op, define_op, dtype_name, kernels_are_compiled, launch
-from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2
+from nfkernels.ops._utils import new_empty, new_empty_like, next_power_of_2, same_layout
 
 # Elements of one (channels × hw) tile. The reductions loop over HW in such tiles; the streaming
 # kernels give one tile to each program. Tests lower them to exercise the loops and the masks.
@@ -430,14 +430,9 @@ def _native_layout(h: torch.Tensor) -> torch.Tensor:
     return h.contiguous()
 
 
-def _layout_key(t: torch.Tensor) -> tuple[int, ...]:
-    # A dim of size 1 is only ever indexed at 0, so its stride cannot change any address.
-    return tuple(st if sz > 1 else 0 for sz, st in zip(t.shape, t.stride()))
-
-
 def _in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """t when it addresses memory exactly like ref does, else a copy in ref's layout."""
-    if _layout_key(t) == _layout_key(ref):
+    if same_layout(t, ref):
         return t
     return torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
