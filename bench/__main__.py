@@ -23,7 +23,9 @@ BENCHMARKS = [
     ("scaled_act", "bench_scaled_act", [[], ["--channels-last"]]),
     ("se_gate", "bench_se_gate", [[], ["--channels-last"]]),
     ("agc", "bench_agc", [[]]),
-    ("train_step", "train_step", [["--variant", v] + fmt for v in ("f0", "f1") for fmt in ([], ["--channels-last"])]),
+    # F0 and F1 in DeepMind's design, and timm's most used pretrained NFNet (ECA, SiLU; channels_last).
+    ("train_step", "train_step", [["--variant", v] + fmt for v in ("f0", "f1") for fmt in ([], ["--channels-last"])]
+     + [["--model", "eca_nfnet_l0", "--channels-last"]]),
     ("step_profile", "step_profile", [[]]),
     # No timing: what the kernels of an F0 step compile to on sm_90a (needs no GPU; --quick: NCHW only).
     ("kernel_report", "kernel_report", [[]]),

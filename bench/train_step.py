@@ -3,8 +3,9 @@ many steps after warm-up, data already on the device; Brock et al. 2021, Table 3
 56.7 ms/step on a V100, fp16, batch 32).
 
 Providers, all on the same weights and data:
-  reference                timm's model (dm_nfnet_fX; for tiny a NormFreeNet of the same
-                           configuration) + timm's AGC + torch.optim.SGD (nesterov) when timm imports;
+  reference                timm's model (dm_nfnet_fX, or timm's model of the --model name; for tiny a
+                           NormFreeNet of the same configuration) + timm's AGC + torch.optim.SGD
+                           (nesterov) when timm imports;
                            else nfkernels' model on its plain-torch backend (the same unfused ops) +
                            timm's AGC loop written out + torch.optim.SGD
   reference torch.compile  the same with the model compiled
@@ -12,8 +13,12 @@ Providers, all on the same weights and data:
   nfkernels torch.compile  the same with the model compiled (fullgraph)
   nfkernels CUDA graph     the whole nfkernels step captured once and replayed (GPU only)
 
-    python -m bench.train_step [--variant f0] [--batch 32] [--resolution 192] [--dtype bfloat16]
-                               [--channels-last] [--steps 50] [--quick]
+    python -m bench.train_step [--variant f0 | --model eca_nfnet_l0] [--batch 32] [--resolution 192]
+                               [--dtype bfloat16] [--channels-last] [--steps 50] [--quick]
+
+``--model`` takes any of timm's NormFreeNet names that nfkernels builds (nfkernels.models.MODEL_NAMES:
+eca_nfnet_l0, nfnet_l0, nf_regnet_b1, nf_resnet50, …); its resolution defaults to timm's training
+size for that model (pretrained_cfg input_size).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import nfkernels as nfk
 from bench.bench_agc import timm_adaptive_clip_grad
 from bench.common import bench_device, environment, import_timm, sig, write_results
 from bench.train_nfnet import TINY
-from nfkernels.models import TIMM_NAMES, NFNet, nfnet
+from nfkernels.models import MODEL_NAMES, TIMM_NAMES, VARIANTS, NFNet, nfnet, pretrained_cfg_for
 from nfkernels.training import CUDAGraphTrainStep
 
 COLUMNS = ["provider", "ms", "ms_p20", "ms_p80", "images/s", "speedup_vs_ref", "peak_MB", "loss_step0"]
@@ -54,8 +59,8 @@ def timm_model(variant: str, num_classes: int):
                     ch_div=c.ch_div, extra_conv=c.extra_conv, gamma_in_act=True, same_padding=c.same_padding,
                     std_conv_eps=c.std_conv_eps, skipinit=c.skipinit, act_layer=c.act)
         return NormFreeNet(cfg, num_classes=num_classes), "timm NormFreeNet (tiny configuration)"
-    name = TIMM_NAMES[variant]
-    if name is None:  # timm's nfnet_f7 is another architecture (nfkernels.models.nfnet docstring)
+    name = TIMM_NAMES[variant] if variant in VARIANTS else variant
+    if name is None:  # timm's nfnet_f7 is another design (nfkernels.models.nfnet docstring)
         return None, f"timm has no dm_nfnet_{variant}"
     return timm.create_model(name, num_classes=num_classes), f"timm {name}"
 
@@ -167,10 +172,14 @@ def _positive(text: str) -> int:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default=None, choices=["tiny"] + [f"f{i}" for i in range(8)],
-                        help="default f0 (GPU), tiny (CPU)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--variant", default=None, choices=["tiny"] + [f"f{i}" for i in range(8)],
+                       help="NFNet-F in DeepMind's design (timm's dm_nfnet_fX); default f0 (GPU), tiny (CPU)")
+    which.add_argument("--model", default=None, choices=MODEL_NAMES, metavar="NAME",
+                       help="any timm NormFreeNet name nfkernels builds, e.g. eca_nfnet_l0, nf_regnet_b1, nf_resnet50")
     parser.add_argument("--batch", type=_positive, default=None, help="default 32 (GPU), 4 (CPU)")
-    parser.add_argument("--resolution", type=_positive, default=None, help="default 192 (GPU), 32 (CPU)")
+    parser.add_argument("--resolution", type=_positive, default=None,
+                        help="default 192 (GPU; --model: timm's training size), 32 (CPU)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="autocast dtype; default bfloat16 (GPU), float32 = no autocast (CPU)")
     parser.add_argument("--channels-last", action="store_true")
@@ -182,9 +191,10 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     device = bench_device()
     quick = args.quick or device.type == "cpu"
-    variant = args.variant or ("tiny" if quick else "f0")
+    variant = args.model or args.variant or ("tiny" if quick else "f0")
     batch = args.batch or (4 if quick else 32)
-    resolution = args.resolution or (32 if quick else 192)
+    default_resolution = pretrained_cfg_for(variant)["input_size"][-1] if args.model else 192
+    resolution = args.resolution or (32 if quick else default_resolution)
     dtype_name = args.dtype or ("float32" if quick else "bfloat16")
     amp_dtype = None if dtype_name == "float32" else getattr(torch, dtype_name)
     steps = args.steps if args.steps is not None else (5 if quick else 50)
@@ -214,7 +224,8 @@ def main(argv=None) -> list[dict]:
     # Every provider starts from the same weights: fresh copies of these two.
     ours0, ref0, ref_label = build_models(variant, 1000, device, memory_format)
     torch_backend = not ref_label.startswith("timm")
-    print(f"train_step: NFNet-{variant}, batch {batch}, {resolution}px, {dtype_name}, "
+    label = variant if args.model else f"NFNet-{variant}"
+    print(f"train_step: {label}, batch {batch}, {resolution}px, {dtype_name}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, reference = {ref_label}")
     record("reference", reference_step_fn(copy.deepcopy(ref0), amp_dtype, torch_backend))
     if compile_too:

@@ -1,13 +1,22 @@
 """``nfkernels.convert(model)``: swap timm's NF layers for the fused ones, in place.
 
 timm is not a dependency, so its classes are recognised by class name and checked by the
-attributes their forward uses (timm ``layers/std_conv.py``, ``layers/activations.py`` GammaAct via
-``models/nfnet.py``, ``layers/squeeze_excite.py`` SEModule, ``models/nfnet.py`` NormFreeBlock):
+attributes their forward uses (timm ``layers/std_conv.py``, ``layers/activations.py``, GammaAct in
+``models/nfnet.py``, ``layers/squeeze_excite.py`` SEModule, ``layers/eca.py`` EcaModule,
+``models/nfnet.py`` NormFreeBlock):
 
     ScaledStdConv2d, ScaledStdConv2dSame  ->  nn.WSConv2d    (gamma = scale·sqrt(fan_in), same eps)
     GammaAct                              ->  nn.ScaledAct   (act from act_fn.__name__, its gamma)
     SEModule                              ->  nn.SqueezeExcite (keeps the fc1/fc2 modules)
-    NormFreeBlock                         ->  nn.NFBlock     (reg=False; attn_last an SEModule or None)
+    EcaModule                             ->  nn.EfficientChannelAttention (keeps the 1-D conv)
+    NormFreeBlock                         ->  nn.NFBlock     (attention after conv3, or after the
+                                                              3×3 convs with reg=True, or none)
+
+A block's activations may be GammaAct (γ in the activation: dm_nfnet) or plain activation modules
+(γ in the convs: timm's other NF models), torch's (ReLU, SiLU, GELU, …) or timm's (GELU,
+GELUTanh, …), by module; every family timm ships (dm_nfnet, nfnet, nfnet_l, eca_nfnet_l,
+nf_regnet, nf_resnet, nf_seresnet, nf_ecaresnet) fuses every block. The activations of timm's
+stem and ``final_act`` are left as they are: single elementwise ops, with nothing to fuse into.
 
 Parameters are carried over as the same ``nn.Parameter`` objects (an optimizer built before the
 conversion still updates the converted model). A model with WSConv2d after the conversion
@@ -26,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from nfkernels.nn.act import ScaledAct
-from nfkernels.nn.attn import SqueezeExcite
+from nfkernels.nn.attn import EfficientChannelAttention, SqueezeExcite
 from nfkernels.nn.block import DownsampleAvg, NFBlock
 from nfkernels.nn.conv import WSConv2d, batch_weight_standardization
 from nfkernels.ops.scaled_act import NF_GAMMA
@@ -35,6 +44,9 @@ STD_CONV_NAMES = ("ScaledStdConv2d", "ScaledStdConv2dSame")
 
 # Activation names as timm's act functions / torch modules spell them, to nfkernels' names.
 _ACT_ALIASES = {name: name for name in NF_GAMMA} | {"swish": "silu", "logsigmoid": "log_sigmoid"}
+# timm's activation modules (layers/activations.py), by class name: not torch's classes.
+_TIMM_ACT_MODULES = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu", "SwishMe": "silu", "Sigmoid": "sigmoid",
+                     "Tanh": "tanh"}
 # Plain torch activation modules (γ = 1), e.g. a block whose γ lives in its convs instead.
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.ReLU6: "relu6", nn.ELU: "elu", nn.CELU: "celu",
                 nn.SELU: "selu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softsign: "softsign",
@@ -53,8 +65,20 @@ class ConversionReport:
     converted: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    @property
+    def blocks_fused(self) -> int:
+        """timm NormFreeBlocks that became fused NFBlocks."""
+        return sum(timm_cls == "NormFreeBlock" for _, timm_cls, _ in self.converted)
+
+    @property
+    def blocks_left(self) -> list[tuple[str, str]]:
+        """(path, reason) of the timm NormFreeBlocks left unfused."""
+        return [(path, reason) for path, reason in self.skipped if reason.startswith("NormFreeBlock:")]
+
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} modules, skipped {len(self.skipped)}"]
+        blocks = self.blocks_fused + len(self.blocks_left)
+        lines = [f"converted {len(self.converted)} modules, skipped {len(self.skipped)}"
+                 + (f"; fused {self.blocks_fused} of {blocks} NormFreeBlocks" if blocks else "")]
         lines += [f"  skipped {path or '<root>'}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
 
@@ -104,6 +128,8 @@ def activation_of(module: nn.Module) -> tuple[str, float]:
         return name, float(module.gamma)
     if isinstance(module, nn.GELU):
         return ("gelu" if module.approximate == "none" else "gelu_tanh"), 1.0
+    if not isinstance(module, tuple(_ACT_MODULES)) and _class_name(module) in _TIMM_ACT_MODULES:
+        return _TIMM_ACT_MODULES[_class_name(module)], 1.0
     if isinstance(module, nn.LeakyReLU) and module.negative_slope == 0.01:
         return "leaky_relu", 1.0
     for cls, name in _ACT_MODULES.items():
@@ -146,6 +172,44 @@ def convert_se(se: nn.Module) -> SqueezeExcite:
     return new.train(se.training)
 
 
+def convert_eca(eca: nn.Module) -> EfficientChannelAttention:
+    """timm EcaModule (x·sigmoid(conv1d(mean_hw x))) -> EfficientChannelAttention with the same conv.
+
+    Fits the paper's form timm's NF models use: a bias-free nn.Conv1d(1, 1, k), odd k, zero padding
+    (k − 1)/2, stride and dilation 1, sigmoid gate; not timm's use_mlp experiment (conv2) nor
+    CecaModule's circular padding."""
+    conv = getattr(eca, "conv", None)
+    if getattr(eca, "conv2", None) is not None or getattr(eca, "act", None) is not None:
+        raise NotConvertible("EcaModule with use_mlp=True (conv, act, conv2) is not fused")
+    if not (type(conv) is nn.Conv1d and conv.in_channels == 1 and conv.out_channels == 1 and conv.bias is None
+            and conv.kernel_size[0] % 2 == 1 and conv.padding == ((conv.kernel_size[0] - 1) // 2,)
+            and conv.stride == (1,) and conv.dilation == (1,) and conv.groups == 1
+            and conv.padding_mode == "zeros"):
+        raise NotConvertible("conv is not a bias-free nn.Conv1d(1, 1, k) with odd k and zero padding (k - 1)/2")
+    gate = getattr(eca, "gate", None)
+    if type(gate) is not nn.Sigmoid and _class_name(gate) != "Sigmoid":
+        raise NotConvertible(f"EcaModule gate is {_class_name(gate)}, not sigmoid")
+    with torch.device("meta"):
+        new = EfficientChannelAttention(kernel_size=conv.kernel_size[0])
+    new.conv = conv
+    return new.train(eca.training)
+
+
+_ATTN_CONVERTERS = {"SEModule": convert_se, "EcaModule": convert_eca}
+
+
+def _as_attn(name: str, attn: nn.Module | None) -> nn.Module | None:
+    if attn is None or isinstance(attn, (SqueezeExcite, EfficientChannelAttention)):
+        return attn
+    converter = _ATTN_CONVERTERS.get(_class_name(attn))
+    if converter is None:
+        raise NotConvertible(f"{name} is {_class_name(attn)}; only SEModule and EcaModule are fused")
+    try:
+        return converter(attn)
+    except NotConvertible as err:
+        raise NotConvertible(f"{name}: {err}") from None
+
+
 def _drop_path_of(module: nn.Module | None) -> tuple[float, bool]:
     """(rate, scale_by_keep) of timm's DropPath, or (0, True) for Identity/None."""
     if module is None or isinstance(module, nn.Identity):
@@ -170,11 +234,9 @@ def convert_block(block: nn.Module) -> NFBlock:
     """timm NormFreeBlock -> NFBlock, or NotConvertible with the first piece that does not fit.
 
     timm forward: out = act1(x)·β; shortcut = downsample(out) or x; out = conv2(act2(conv1(out)));
-    [out = conv2b(act2b(out))]; [out = attn_gain·attn(out)]  (reg=True: not fusable);
-    out = conv3(act3(out)); [out = attn_gain·attn_last(out)]; drop_path; ·skipinit_gain;
-    out·α + shortcut. NFBlock needs the four activations to be one (act, γ)."""
-    if getattr(block, "attn", None) is not None:
-        raise NotConvertible("attention between conv2 and conv3 (reg=True) is not fused")
+    [out = conv2b(act2b(out))]; [out = attn_gain·attn(out)] (reg=True); out = conv3(act3(out));
+    [out = attn_gain·attn_last(out)]; drop_path; ·skipinit_gain; out·α + shortcut. NFBlock needs
+    the four activations to be one (act, γ)."""
     acts = [(name, getattr(block, name)) for name in ("act1", "act2", "act2b", "act3")
             if getattr(block, name, None) is not None]
     kinds = set()
@@ -188,11 +250,8 @@ def convert_block(block: nn.Module) -> NFBlock:
     act, gamma = kinds.pop()
     if (getattr(block, "conv2b", None) is None) != (getattr(block, "act2b", None) is None):
         raise NotConvertible("conv2b and act2b must be both present or both absent")
-    attn_last = getattr(block, "attn_last", None)
-    if attn_last is not None and not isinstance(attn_last, SqueezeExcite):
-        if _class_name(attn_last) != "SEModule":
-            raise NotConvertible(f"attn_last is {_class_name(attn_last)}; only SEModule is fused")
-        attn_last = convert_se(attn_last)
+    attn = _as_attn("attn", getattr(block, "attn", None))
+    attn_last = _as_attn("attn_last", getattr(block, "attn_last", None))
     downsample = getattr(block, "downsample", None)
     if downsample is not None:
         if not hasattr(downsample, "pool") or not hasattr(downsample, "conv"):
@@ -207,7 +266,7 @@ def convert_block(block: nn.Module) -> NFBlock:
         conv2b=_as_ws_conv("conv2b", getattr(block, "conv2b", None)), conv3=_as_ws_conv("conv3", block.conv3),
         downsample=downsample, attn_last=attn_last, skipinit_gain=skip, alpha=_as_float(block.alpha),
         beta=_as_float(block.beta), attn_gain=_as_float(block.attn_gain), act=act, gamma=gamma,
-        drop_path_rate=drop_path_rate, drop_path_scale_by_keep=scale_by_keep)
+        drop_path_rate=drop_path_rate, drop_path_scale_by_keep=scale_by_keep, attn=attn)
     return new.train(block.training)
 
 
@@ -219,6 +278,7 @@ _CONVERTERS = {
     "ScaledStdConv2dSame": convert_std_conv,
     "GammaAct": convert_gamma_act,
     "SEModule": convert_se,
+    "EcaModule": convert_eca,
 }
 
 
@@ -239,12 +299,14 @@ def _convert_children(parent: nn.Module, prefix: str, report: ConversionReport) 
 
 
 def convert(model: nn.Module) -> ConversionReport:
-    """Replace timm's ScaledStdConv2d(Same), GammaAct, SEModule and NormFreeBlock inside ``model``
-    by nfkernels' WSConv2d, ScaledAct, SqueezeExcite and NFBlock, in place, keeping the parameter
+    """Replace timm's ScaledStdConv2d(Same), GammaAct, SEModule, EcaModule and NormFreeBlock inside
+    ``model`` by nfkernels' WSConv2d, ScaledAct, SqueezeExcite, EfficientChannelAttention and NFBlock
+    (the module docstring lists what fits), in place, keeping the parameter
     objects; outputs and gradients are unchanged (up to rounding), and every call of ``model``
     standardizes all its conv weights in one launch (``nn.batch_weight_standardization``; timm's
     ``grad_checkpointing`` makes training calls go conv by conv). Returns a ConversionReport whose
-    ``skipped`` lists (module path, reason) for what was left alone. ``model`` itself is converted
+    ``skipped`` lists (module path, reason) for what was left alone, and ``blocks_fused`` /
+    ``blocks_left`` say how many NormFreeBlocks were fused. ``model`` itself is converted
     only through its children; pass a container to convert a bare block.
 
     Converting nothing is almost always a mistake (a model that is not timm's, already converted,

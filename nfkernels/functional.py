@@ -128,6 +128,23 @@ def _check_fc_weight(op: str, name: str, weight: torch.Tensor, shape: tuple[int 
     return weight.shape[0]
 
 
+def _check_eca_weight(op: str, weight: torch.Tensor) -> None:
+    """ECA's conv weight: nn.Conv1d(1, 1, k, bias=False)'s (1, 1, k), or (k,); k odd (padding
+    (k − 1)/2 keeps the C channels, as timm's EcaModule)."""
+    check_tensor(op, "eca_weight", weight)
+    if not (weight.dim() == 1 or (weight.dim() == 3 and tuple(weight.shape[:2]) == (1, 1))):
+        raise ValueError(
+            f"{op}: eca_weight must have shape (1, 1, k) (an nn.Conv1d(1, 1, k) weight) or (k,); "
+            f"got {tuple(weight.shape)}"
+        )
+    k = weight.shape[-1]
+    if k % 2 == 0:
+        raise ValueError(
+            f"{op}: eca_weight must have an odd kernel size k >= 1 (zero padding (k - 1) // 2 on "
+            f"each side keeps the C channels); got k = {k}"
+        )
+
+
 def se_gate_residual(
     h: torch.Tensor,
     shortcut: torch.Tensor | None,
@@ -142,9 +159,11 @@ def se_gate_residual(
     mask: torch.Tensor | None = None,
     alpha: float = 0.2,
     attn_gain: float = 2.0,
+    eca_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squeeze-excite gate with the SkipInit residual: the tail of timm's NormFreeBlock
-    (``attn_last=SEModule``, drop_path, ``skipinit_gain``, ``alpha``) in one fused op.
+    (``attn_last=SEModule`` or ``EcaModule``, drop_path, ``skipinit_gain``, ``alpha``) in one
+    fused op.
 
     ``h`` (N, C, H, W) is conv3's output without its bias, ``bias`` that bias (C elements),
     ``shortcut`` the shortcut branch (same shape; ``shortcut_bias`` optional C elements; None
@@ -157,16 +176,26 @@ def se_gate_residual(
         out = shortcut + shortcut_bias + alpha · k · m_n · attn_gain · g · hb
 
     fc1_weight is (rd, C, 1, 1) or (rd, C), fc2_weight (C, rd, 1, 1) or (C, rd), fc1_bias rd and
-    fc2_bias C elements (each optional). Without fc1_weight there is no SE and
+    fc2_bias C elements (each optional).
+
+    ``eca_weight`` instead (never with the SE weights) makes the attention ECA (timm EcaModule,
+    as in eca_nfnet_l* and nf_ecaresnet*): its (1, 1, K) nn.Conv1d weight, or (K,), K odd (the
+    kernel size, not the skip gain k; it may exceed C), convolves p over the channel axis with
+    zero padding (K − 1) // 2 and no bias::
+
+        g   = sigmoid(conv1d(p.view(N, 1, C), eca_weight, padding=(K - 1) // 2)).view(N, C)
+
+    and out is as above, attn_gain included. Without either there is no attention and
     out = shortcut + shortcut_bias + alpha · k · m_n · hb (no attn_gain, no sigmoid). The pooling
-    and the gate accumulate in fp32 (fp64 for fp64); the result has h's dtype and memory format
+    and the gate accumulate in fp32 (fp64 for fp64; the attention's (N, C) math too, even under
+    autocast, and ECA's conv without TF32); the result has h's dtype and memory format
     (NCHW or channels_last). h and shortcut share a dtype; the parameters have it too, or are
     float32 next to float16/bfloat16 h (autocast), and get gradients in their own dtypes.
     Differentiable with respect to every tensor argument but mask.
 
     With H·W = 0 the output is empty and every gradient is exactly 0 (no output element depends on
     any input); p is then taken as 0 rather than torch's NaN mean of an empty map, which would
-    turn the SE weights' zero gradients into 0·NaN = NaN.
+    turn the SE or ECA weights' zero gradients into 0·NaN = NaN.
     """
     op = "se_gate_residual"
     check_tensor(op, "h", h, ndim=4)
@@ -176,6 +205,15 @@ def se_gate_residual(
     if shortcut is None and shortcut_bias is not None:
         raise ValueError(f"{op}: shortcut_bias was given without shortcut")
     n, c = h.shape[:2]
+    if eca_weight is not None:
+        se_given = [name for name, t in (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
+                                         ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)) if t is not None]
+        if se_given:
+            raise ValueError(
+                f"{op}: eca_weight was given together with {', '.join(se_given)}; the attention is SE "
+                f"(fc1/fc2 weights) or ECA (eca_weight), not both"
+            )
+        _check_eca_weight(op, eca_weight)
     if fc1_weight is None:
         for name, t in (("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)):
             if t is not None:
@@ -197,16 +235,16 @@ def se_gate_residual(
     check_numel(op, "skip_gain", skip_gain, 1, "a scalar gain")
     check_optional_tensor(op, "mask", mask)
     check_numel(op, "mask", mask, n, "one multiplier per sample, h.shape[0]")
-    params = dict(fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias, bias=bias,
-                  shortcut_bias=shortcut_bias, skip_gain=skip_gain)
+    params = dict(fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias,
+                  eca_weight=eca_weight, bias=bias, shortcut_bias=shortcut_bias, skip_gain=skip_gain)
     check_same_device(op, h=h, shortcut=shortcut, **params, mask=mask)
     check_same_dtype(op, h=h, shortcut=shortcut)
     _check_param_dtypes(op, "h", h, **params)
     alpha = check_float(op, "alpha", alpha)
     attn_gain = check_float(op, "attn_gain", attn_gain)
     backend = _resolve(op, h.device)
-    args = (h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias, skip_gain, mask,
-            alpha, attn_gain)
+    args = (h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias, shortcut_bias, skip_gain,
+            mask, alpha, attn_gain)
     if backend == "torch" or h.numel() == 0:
         return _se.se_gate_residual_torch(*args)
     if backend == "cuda":

@@ -172,3 +172,16 @@ def test_train_step_rejects_zero_steps(tmp_path, monkeypatch, capsys, option):
         train_step.main(["--quick", option, "0"])
     assert exc.value.code == 2
     assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_train_step_takes_any_nf_family_by_name(tmp_path, monkeypatch, capsys):
+    """--model: any timm NormFreeNet name nfkernels builds, with timm's model as the reference on
+    the GPU (here nfkernels' own model on its torch path); the same weights give the same loss."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    rows = train_step.main(["--quick", "--model", "nf_ecaresnet26", "--batch", "2", "--steps", "1", "--warmup", "1"])
+    losses = {row["provider"]: row["loss_step0"] for row in rows}
+    assert losses["nfkernels"] == pytest.approx(losses["reference"], rel=1e-5)
+    data = json.loads(result(tmp_path, "train_step_nf_ecaresnet26_nchw", ".json").read_text())
+    assert data["meta"]["variant"] == "nf_ecaresnet26" and "nf_ecaresnet26" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_step.main(["--quick", "--model", "nf_ecaresnet26", "--variant", "f0"])

@@ -62,19 +62,20 @@ def test_registered_ops_on_meta_tensors():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("with_se", [True, False])
-def test_opcheck_se_gate_residual(dtype, with_se):
+@pytest.mark.parametrize("attn", ["se", "eca", None])
+def test_opcheck_se_gate_residual(dtype, attn):
     n, c, rd = 2, 6, 3
     h, shortcut = _t(n, c, 3, 4, dtype=dtype), _t(n, c, 3, 4, dtype=dtype)
     se = (_t(rd, c, 1, 1, dtype=dtype), _t(rd, dtype=dtype), _t(c, rd, 1, 1, dtype=dtype), _t(c, dtype=dtype))
-    if not with_se:
+    if attn != "se":
         se = (None,) * 4
+    eca = _t(1, 1, 3, dtype=dtype) if attn == "eca" else None
     bias, sbias, skip = _t(c, dtype=dtype), _t(c, dtype=dtype), _t((), dtype=dtype)
     mask = torch.tensor([0.0, 2.0], dtype=dtype, device=DEVICE)
-    args = (h, shortcut, *se, bias, sbias, skip, mask, 0.2, 2.0)
+    args = (h, shortcut, *se, eca, bias, sbias, skip, mask, 0.2, 2.0)
     torch.library.opcheck(ops.se_gate_residual_fwd, args)
     _, pool, hidden, logits = ops.se_gate_residual_fwd(*args)
-    detached = [t.detach() if t is not None else None for t in (h, se[0], se[2], bias, skip, mask)]
+    detached = [t.detach() if t is not None else None for t in (h, se[0], se[2], eca, bias, skip, mask)]
     torch.library.opcheck(ops.se_gate_residual_bwd,
                           (torch.randn_like(h), *detached, pool, hidden, logits, 0.2, 2.0))
 

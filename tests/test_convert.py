@@ -1,120 +1,24 @@
 """nfkernels.convert against timm-style modules.
 
-timm is not importable here, so the timm classes are re-implemented below, faithfully to timm's
-source (layers/std_conv.py, layers/padding.py, models/nfnet.py, layers/squeeze_excite.py,
-layers/drop.py), with timm's class names: convert recognises classes by name and attributes.
+timm is not importable here, so its classes come from tests/timm_nf.py, a faithful re-implementation
+of timm 1.0.29's NormFreeNet and its layers with timm's class names (convert recognises classes by
+name and attributes), checked against timm's own numbers by tests/test_timm_nf_reference.py.
 """
-import math
-
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import nfkernels as nfk
 from nfkernels.nn import NFBlock, ScaledAct, SqueezeExcite, WSConv2d
 from nfk_testing import DEVICE, assert_close, backends_for
+from timm_nf import (NONLIN_GAMMA, GammaAct, NormFreeBlock, ScaledStdConv2d, ScaledStdConv2dSame, SEModule,
+                     act_with_gamma, gelu, mish)
 
 BACKENDS = backends_for(("torch", "triton"))
-GELU_GAMMA = 1.7015043497085571
+GELU_GAMMA = NONLIN_GAMMA["gelu"]
 
 
-# ----------------------------------------------------------------------------- timm re-implementations
-def get_padding(kernel_size, stride=1, dilation=1):
-    return ((stride - 1) + dilation * (kernel_size - 1)) // 2
-
-
-def pad_same(x, kernel_size, stride, dilation=(1, 1), value=0):
-    ih, iw = x.shape[-2:]
-    pad_h = max((math.ceil(ih / stride[0]) - 1) * stride[0] + (kernel_size[0] - 1) * dilation[0] + 1 - ih, 0)
-    pad_w = max((math.ceil(iw / stride[1]) - 1) * stride[1] + (kernel_size[1] - 1) * dilation[1] + 1 - iw, 0)
-    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
-
-
-class ScaledStdConv2d(nn.Conv2d):
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
-                 bias=True, gamma=1.0, eps=1e-6, gain_init=1.0):
-        if padding is None:
-            padding = get_padding(kernel_size, stride, dilation)
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                         dilation=dilation, groups=groups, bias=bias)
-        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), gain_init))
-        self.scale = gamma * self.weight[0].numel() ** -0.5
-        self.eps = eps
-
-    def forward(self, x):
-        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
-                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
-                              eps=self.eps).reshape_as(self.weight)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-class ScaledStdConv2dSame(nn.Conv2d):
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="SAME", dilation=1, groups=1,
-                 bias=True, gamma=1.0, eps=1e-6, gain_init=1.0):
-        # timm get_padding_value('same'): static when stride 1 and the padding is symmetric.
-        is_dynamic = not (stride == 1 and (dilation * (kernel_size - 1)) % 2 == 0)
-        padding = 0 if is_dynamic else get_padding(kernel_size, stride, dilation)
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                         dilation=dilation, groups=groups, bias=bias)
-        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), gain_init))
-        self.scale = gamma * self.weight[0].numel() ** -0.5
-        self.same_pad = is_dynamic
-        self.eps = eps
-
-    def forward(self, x):
-        if self.same_pad:
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
-                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
-                              eps=self.eps).reshape_as(self.weight)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-def gelu(x, inplace=False):  # timm layers/activations.py
-    return F.gelu(x)
-
-
-def silu(x, inplace=False):
-    return F.silu(x, inplace=inplace)
-
-
-def mish(x, inplace=False):
-    return x.mul(F.softplus(x).tanh())
-
-
-class GammaAct(nn.Module):
-    def __init__(self, act_fn=gelu, gamma=1.0, inplace=False):
-        super().__init__()
-        self.act_fn = act_fn
-        self.gamma = gamma
-        self.inplace = inplace
-
-    def forward(self, x):
-        return self.act_fn(x, inplace=self.inplace).mul_(self.gamma)
-
-
-class SEModule(nn.Module):
-    def __init__(self, channels, rd_ratio=1 / 16, rd_channels=None, add_maxpool=False, bias=True):
-        super().__init__()
-        self.add_maxpool = add_maxpool
-        rd_channels = rd_channels or max(1, int(channels * rd_ratio))
-        self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias)
-        self.bn = nn.Identity()
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x):
-        x_se = x.mean((2, 3), keepdim=True)
-        if self.add_maxpool:
-            x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
-        x_se = self.fc1(x_se)
-        x_se = self.act(self.bn(x_se))
-        x_se = self.fc2(x_se)
-        return x * self.gate(x_se)
-
-
+# ----------------------------------------------------------------------------- test models
 class ECAModule(nn.Module):  # a non-SE attention convert must leave alone
     def __init__(self, channels):
         super().__init__()
@@ -125,87 +29,38 @@ class ECAModule(nn.Module):  # a non-SE attention convert must leave alone
         return x * y.sigmoid().view(x.shape[0], -1, 1, 1)
 
 
-class DropPath(nn.Module):
-    def __init__(self, drop_prob=0.0, scale_by_keep=True):
-        super().__init__()
-        self.drop_prob, self.scale_by_keep = drop_prob, scale_by_keep
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * (mask / keep if self.scale_by_keep else mask)
-
-
-class DownsampleAvg(nn.Module):
-    def __init__(self, in_chs, out_chs, stride=1, conv_layer=ScaledStdConv2dSame):
-        super().__init__()
-        self.pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
-        self.conv = conv_layer(in_chs, out_chs, 1, stride=1)
-
-    def forward(self, x):
-        return self.conv(self.pool(x))
-
-
-class NormFreeBlock(nn.Module):
-    def __init__(self, in_chs, out_chs, stride=1, alpha=0.2, beta=1.0, mid_chs=8, groups=1, extra_conv=True,
-                 skipinit=True, attn_layer=SEModule, attn_gain=2.0, act_fn=gelu, gamma=GELU_GAMMA,
-                 conv_layer=ScaledStdConv2dSame, drop_path_rate=0.0, reg=False):
-        super().__init__()
-        self.alpha, self.beta, self.attn_gain = alpha, beta, attn_gain
-        act = lambda: GammaAct(act_fn, gamma)  # noqa: E731
-        self.downsample = DownsampleAvg(in_chs, out_chs, stride, conv_layer) if in_chs != out_chs or stride != 1 else None
-        self.act1 = act()
-        self.conv1 = conv_layer(in_chs, mid_chs, 1)
-        self.act2 = act()
-        self.conv2 = conv_layer(mid_chs, mid_chs, 3, stride=stride, groups=groups)
-        self.act2b = act() if extra_conv else None
-        self.conv2b = conv_layer(mid_chs, mid_chs, 3, groups=groups) if extra_conv else None
-        self.attn = attn_layer(mid_chs) if reg and attn_layer is not None else None
-        self.act3 = act()
-        self.conv3 = conv_layer(mid_chs, out_chs, 1, gain_init=1.0 if skipinit else 0.0)
-        self.attn_last = attn_layer(out_chs) if not reg and attn_layer is not None else None
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.skipinit_gain = nn.Parameter(torch.tensor(0.0)) if skipinit else None
-
-    def forward(self, x):
-        out = self.act1(x) * self.beta
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(out)
-        out = self.conv1(out)
-        out = self.conv2(self.act2(out))
-        if self.conv2b is not None:
-            out = self.conv2b(self.act2b(out))
-        if self.attn is not None:
-            out = self.attn_gain * self.attn(out)
-        out = self.conv3(self.act3(out))
-        if self.attn_last is not None:
-            out = self.attn_gain * self.attn_last(out)
-        out = self.drop_path(out)
-        if self.skipinit_gain is not None:
-            out.mul_(self.skipinit_gain)
-        out = out * self.alpha + shortcut
-        return out
+def nf_block(in_chs, out_chs, stride=1, alpha=0.2, beta=1.0, mid_chs=8, groups=1, extra_conv=True,
+             skipinit=True, attn_layer=SEModule, act_fn=gelu, gamma=GELU_GAMMA, conv_layer=ScaledStdConv2dSame,
+             drop_path_rate=0.0, reg=False):
+    """timm's NormFreeBlock with mid_chs channels in `groups` groups, an NFNet-F style block by default
+    (SAME padding, extra conv, SkipInit, SE, γ in the activations)."""
+    block = NormFreeBlock(in_chs, out_chs, stride=stride, alpha=alpha, beta=beta,
+                          bottle_ratio=mid_chs / (in_chs if reg else out_chs),
+                          group_size=mid_chs // groups if groups > 1 else None, ch_div=1, reg=reg,
+                          extra_conv=extra_conv, skipinit=skipinit, attn_layer=attn_layer,
+                          act_layer=act_with_gamma(act_fn, gamma), conv_layer=conv_layer,
+                          drop_path_rate=drop_path_rate)
+    assert block.conv1.out_channels == mid_chs and block.conv2.groups == groups
+    return block
 
 
 class TimmStyleNet(nn.Module):
-    """Stem convs + GammaActs, NormFreeBlocks (one with reg=True, one with ECA: not fusable), head."""
+    """Stem convs + GammaActs, NormFreeBlocks (one with reg=True, one with an attention module convert
+    does not know), head."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(ScaledStdConv2dSame(3, 8, 3, stride=2), GammaAct(gelu, GELU_GAMMA),
+        self.stem = nn.Sequential(ScaledStdConv2dSame(3, 8, 3, stride=2), GammaAct("gelu", GELU_GAMMA),
                                   ScaledStdConv2d(8, 16, 3, eps=1e-5))
         self.stages = nn.Sequential(
-            NormFreeBlock(16, 16, beta=1.0),
-            NormFreeBlock(16, 24, stride=2, beta=1.02 ** -0.5, groups=2, drop_path_rate=0.1),
-            NormFreeBlock(24, 24, beta=1.04 ** -0.5, extra_conv=False, skipinit=False),
-            NormFreeBlock(24, 24, reg=True),
-            NormFreeBlock(24, 24, attn_layer=ECAModule),
+            nf_block(16, 16, beta=1.0),
+            nf_block(16, 24, stride=2, beta=1.02 ** -0.5, groups=2, drop_path_rate=0.1),
+            nf_block(24, 24, beta=1.04 ** -0.5, extra_conv=False, skipinit=False),
+            nf_block(24, 24, reg=True),
+            nf_block(24, 24, attn_layer=ECAModule),
         )
         self.final_conv = ScaledStdConv2d(24, 32, 1)
-        self.final_act = GammaAct(silu, 1.7881293296813965)
+        self.final_act = GammaAct("silu", NONLIN_GAMMA["silu"])
         self.fc = nn.Linear(32, 5)
 
     def forward(self, x):
@@ -244,15 +99,18 @@ def test_converted_model_matches_timm_outputs_and_gradients(backend):
     assert dict(model.named_parameters()) == params_before
     converted = {path: new for path, _, new in report.converted}
     assert converted["stem.0"] == "WSConv2d" and converted["stem.1"] == "ScaledAct"
-    assert [converted.get(f"stages.{i}") for i in range(3)] == ["NFBlock"] * 3
+    assert [converted.get(f"stages.{i}") for i in range(4)] == ["NFBlock"] * 4
     assert isinstance(model.stages[1], NFBlock) and model.stages[1].drop_path_rate == pytest.approx(0.1)
-    # reg=True and ECA blocks are reported and left as blocks, their convs/acts/SE converted one by one.
+    assert isinstance(model.stages[3].attn, SqueezeExcite) and model.stages[3].attn_last is None  # reg=True
+    # A block with an attention convert does not know is reported and left as a block, its convs and
+    # activations converted one by one.
     skipped = dict(report.skipped)
-    assert "reg=True" in skipped["stages.3"] and "ECAModule" in skipped["stages.4"]
-    assert type(model.stages[3]).__name__ == "NormFreeBlock"
-    assert isinstance(model.stages[3].conv2, WSConv2d) and isinstance(model.stages[3].act2, ScaledAct)
-    assert isinstance(model.stages[3].attn, SqueezeExcite)
+    assert "attn_last is ECAModule; only SEModule and EcaModule are fused" in skipped["stages.4"]
+    assert type(model.stages[4]).__name__ == "NormFreeBlock"
+    assert isinstance(model.stages[4].conv2, WSConv2d) and isinstance(model.stages[4].act2, ScaledAct)
     assert type(model.stages[4].attn_last).__name__ == "ECAModule"
+    assert report.blocks_fused == 4 and [path for path, _ in report.blocks_left] == ["stages.4"]
+    assert "fused 4 of 5 NormFreeBlocks" in str(report)
     assert isinstance(model.final_conv, WSConv2d) and model.final_conv.eps == 1e-6
     assert str(report).startswith(f"converted {len(report.converted)} modules")
 
@@ -274,7 +132,7 @@ def test_convert_reports_what_does_not_fit():
     model = nn.Sequential(
         GammaAct(mish, 2.0),                                   # unknown activation
         SEModule(8, add_maxpool=True),                          # not the plain SE
-        NormFreeBlock(8, 8, act_fn=mish, gamma=2.0),            # block with an unknown activation
+        nf_block(8, 8, act_fn=mish, gamma=2.0),            # block with an unknown activation
     )
     report = nfk.convert(model)
     skipped = dict(report.skipped)
@@ -291,8 +149,8 @@ def test_convert_reports_what_does_not_fit():
 def test_converted_block_trains_like_timm_with_drop_path():
     """In training with stochastic depth, the same per-sample mask gives the same outputs."""
     torch.manual_seed(1)
-    ref = randomize_(nn.Sequential(NormFreeBlock(8, 12, stride=2, drop_path_rate=0.3)), seed=3).double()
-    model = nn.Sequential(NormFreeBlock(8, 12, stride=2, drop_path_rate=0.3)).double()
+    ref = randomize_(nn.Sequential(nf_block(8, 12, stride=2, drop_path_rate=0.3)), seed=3).double()
+    model = nn.Sequential(nf_block(8, 12, stride=2, drop_path_rate=0.3)).double()
     model.load_state_dict(ref.state_dict())
     nfk.convert(model)
     assert isinstance(model[0], NFBlock) and model.training

@@ -154,15 +154,16 @@ def test_cuda_ops_allocate_like_the_triton_ops(channels_last):
         assert _metadata(grads[0]) == _metadata(grads[1])
 
         h = torch.empty(2, 6, 5, 7).contiguous(memory_format=fmt)
-        w1, w2 = torch.empty(3, 6, 1, 1), torch.empty(6, 3, 1, 1)
-        args = (h, torch.empty_like(h), w1, torch.empty(3), w2, torch.empty(6), bias, bias, torch.empty(()),
-                torch.empty(2), 0.2, 2.0)
-        outs = [op(*args) for op in (ops.se_gate_residual_fwd, ops.se_gate_residual_fwd_cuda)]
-        assert _metadata(outs[0]) == _metadata(outs[1])
-        _, pool, hidden, logits = outs[1]
-        bargs = (torch.empty_like(h), h, w1, w2, bias, torch.empty(()), torch.empty(2), pool, hidden, logits, 0.2, 2.0)
-        grads = [op(*bargs) for op in (ops.se_gate_residual_bwd, ops.se_gate_residual_bwd_cuda)]
-        assert _metadata(grads[0]) == _metadata(grads[1])
+        w1, w2, eca = torch.empty(3, 6, 1, 1), torch.empty(6, 3, 1, 1), torch.empty(1, 1, 5)
+        for se, eca_weight in (((w1, torch.empty(3), w2, torch.empty(6)), None), ((None,) * 4, eca)):  # SE, ECA
+            args = (h, torch.empty_like(h), *se, eca_weight, bias, bias, torch.empty(()), torch.empty(2), 0.2, 2.0)
+            outs = [op(*args) for op in (ops.se_gate_residual_fwd, ops.se_gate_residual_fwd_cuda)]
+            assert _metadata(outs[0]) == _metadata(outs[1])
+            _, pool, hidden, logits = outs[1]
+            bargs = (torch.empty_like(h), h, se[0], se[2], eca_weight, bias, torch.empty(()), torch.empty(2), pool,
+                     hidden, logits, 0.2, 2.0)
+            grads = [op(*bargs) for op in (ops.se_gate_residual_bwd, ops.se_gate_residual_bwd_cuda)]
+            assert _metadata(grads[0]) == _metadata(grads[1])
 
 
 # ----------------------------------------------------------------------- bindings on a fake runtime

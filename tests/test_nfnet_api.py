@@ -210,12 +210,12 @@ def test_pretrained_cfg_is_timms(variant):
 
 def test_pretrained_cfg_of_f7_and_custom_models():
     with torch.device("meta"):
-        f7 = models.nfnet_f7()
+        f7, timm_f7 = nfnet("f7"), models.nfnet_f7()
     # timm has no dm_nfnet_f7: the paper's F7 resolutions, from timm's nfnet_f7 entry (_dcfg defaults).
-    cfg = f7.pretrained_cfg
-    assert (cfg["input_size"], cfg["test_input_size"], cfg["pool_size"], cfg["crop_pct"]) == (
-        (3, 480, 480), (3, 608, 608), (15, 15), 0.9)
-    assert "architecture" not in cfg
+    for cfg in (f7.pretrained_cfg, timm_f7.pretrained_cfg):
+        assert (cfg["input_size"], cfg["test_input_size"], cfg["pool_size"], cfg["crop_pct"]) == (
+            (3, 480, 480), (3, 608, 608), (15, 15), 0.9)
+    assert "architecture" not in f7.pretrained_cfg and timm_f7.pretrained_cfg["architecture"] == "nfnet_f7"
     custom = NFNet(TINY_CONFIG, num_classes=4).pretrained_cfg  # timm nfnet.py's _dcfg defaults
     assert (custom["input_size"], custom["crop_pct"], custom["interpolation"], custom["mean"], custom["std"]) == (
         (3, 224, 224), 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
@@ -297,15 +297,17 @@ def test_features_only_grad_checkpointing():
         assert_close(outs[1][1][name], g, 1e-12, name)
 
 
-def test_timm_nfnet_names_are_another_architecture():
-    """timm's nfnet_fX (not dm_) used to build our model silently; its state dicts do not load."""
-    for name in ("nfnet_f0", "NFNet_F3", "nfnet_f7"):
-        with pytest.raises(ValueError, match="different architecture"):
-            nfnet(name)
-        with pytest.raises(ValueError, match="different architecture"):
-            paper_regularization(name)
-    with pytest.raises(ValueError, match="ask for 'f0' or 'dm_nfnet_f0'"):
-        nfnet("nfnet_f0")
+def test_timm_nfnet_names_build_timms_own_design():
+    """timm's nfnet_fX (not dm_) is another design: γ in the convs, symmetric padding, no SkipInit."""
+    with torch.device("meta"):
+        for name in ("nfnet_f0", "NFNet_F3", "nfnet_f7"):
+            model = nfnet(name)
+            assert not any(n.endswith("skipinit_gain") for n, _ in model.named_parameters())
+            block = model.stages[0][0]
+            assert block.gamma == 1.0 and block.conv2.gamma == pytest.approx(1.7015043497085571)
+            assert not block.conv2.same_pad and block.conv2.padding == (1, 1)
+            assert paper_regularization(name) == paper_regularization(name[-2:])
+        assert tuple(len(s) for s in models.nfnet_f3().stages) == (4, 8, 24, 12)
 
 
 def test_timm_names():
@@ -320,7 +322,9 @@ def test_timm_names():
     with pytest.raises(ValueError, match="timm has no dm_nfnet_f7.* variant 'f7'"):
         nfnet("dm_nfnet_f7")
     with pytest.raises(ValueError, match="variant must be one of 'f0' … 'f7' .*'dm_nfnet_f0' … 'dm_nfnet_f6'"):
-        nfnet("eca_nfnet_l0")
+        nfnet("eca_nfnet_l9")
+    with pytest.raises(ValueError, match="paper gives rates for NFNet-F0 … F7 only"):
+        paper_regularization("eca_nfnet_l0")
     with pytest.raises(TypeError, match="variant must be a str"):
         nfnet(0)
 
@@ -334,13 +338,17 @@ LOAD_TIMM = 'model.load_state_dict(timm.create_model("dm_nfnet_f0", pretrained=T
 
 
 def test_pretrained_true_explains_how_to_load_timm_weights():
-    for build in (lambda: models.nfnet_f0(pretrained=True), lambda: models.dm_nfnet_f0(pretrained=True),
-                  lambda: models.dm_nfnet_f0(True), lambda: nfnet("f0", pretrained=True)):
+    for build in (lambda: models.dm_nfnet_f0(pretrained=True), lambda: models.dm_nfnet_f0(True),
+                  lambda: nfnet("f0", pretrained=True)):
         with pytest.raises(ValueError, match="ships and downloads no weights") as info:
             build()
         assert LOAD_TIMM in str(info.value)
+    with pytest.raises(ValueError, match=r'timm.create_model\("eca_nfnet_l0", pretrained=True\)'):
+        models.eca_nfnet_l0(True)
     with pytest.raises(ValueError, match="timm has no pretrained F7"):
-        models.nfnet_f7(pretrained=True)
+        nfnet("f7", pretrained=True)
+    with pytest.raises(ValueError, match="timm has no pretrained weights for nfnet_f0 either"):
+        models.nfnet_f0(pretrained=True)
     with pytest.raises(TypeError, match="pretrained must be a bool"):
         models.dm_nfnet_f0(pretrained="yes")
     with torch.device("meta"):
@@ -373,7 +381,7 @@ def test_constructor_argument_errors():
     with pytest.raises(TypeError, match="num_classes must be an int"):
         NFNet(TINY_CONFIG, num_classes=True)
     with pytest.raises(TypeError, match="num_classes must be an int"):
-        models.nfnet_f0(True)  # timm's positional pretrained=True is not our num_classes
+        nfnet("f0", True)
     with pytest.raises(ValueError, match="in_chans must be >= 1"):
         NFNet(TINY_CONFIG, in_chans=0)
     with pytest.raises(TypeError, match="cfg must be an NFNetConfig"):

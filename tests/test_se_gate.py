@@ -32,9 +32,32 @@ CASES = {
     "no_se_mask_only_cl": ((3, 5, 4, 3), None, {**NONE, "mask": True, "shortcut_bias": True}, True, False),
     "no_se_skip_only": ((3, 5, 4, 3), None, {**NONE, "skip_gain": True}, False, False),
 }
+# ECA (timm EcaModule) in place of SE. name: (shape, kernel size k, which optional arguments,
+# channels_last, weight (k,) rather than (1, 1, k), with a shortcut). H·W odd; k > C in two.
+ECA_CASES = {
+    "eca_k3_nchw": ((2, 7, 3, 5), 3, ALL, False, False, True),
+    "eca_k5_channels_last_1d": ((3, 20, 3, 3), 5, ALL, True, True, True),
+    "eca_k1_bare": ((2, 3, 5, 3), 1, NONE, False, False, True),
+    "eca_k7_over_3_channels_cl": ((2, 3, 1, 3), 7, ALL, True, False, True),
+    "eca_1_channel_no_shortcut": ((3, 1, 3, 5), 3, {**ALL, "shortcut_bias": False}, False, True, False),
+    "eca_mask_skip_no_shortcut_cl": ((2, 20, 3, 3), 5, {**NONE, "mask": True, "skip_gain": True}, True, False,
+                                     False),
+}
+# The attention of a test: (rd for SE, k for ECA), at most one of them.
+ATTN = {"se": (3, None), "eca": (None, 3), "no_se": (None, None)}
 
 
-def reference(h, shortcut, w1, b1, w2, b2, *, bias, shortcut_bias, skip_gain, mask, alpha, attn_gain):
+def eca_logits(pooled, w):
+    """z = conv1d of pooled (N, C) over channels with zero padding (k − 1) // 2, written as
+    pooled @ Tᵀ with the Toeplitz matrix T[c, c + j − (k − 1) // 2] = w_j."""
+    c, k = pooled.shape[1], w.numel()
+    w, pad = w.reshape(k), (k - 1) // 2
+    t = sum(w[j] * torch.diag(pooled.new_ones(c - abs(j - pad)), j - pad) for j in range(k) if abs(j - pad) < c)
+    return pooled @ t.t()
+
+
+def reference(h, shortcut, w1, b1, w2, b2, *, bias, shortcut_bias, skip_gain, mask, alpha, attn_gain,
+              eca_weight=None):
     """Float64 math written from the formula, independent of the library."""
     n, c, hh, ww = h.shape
     hb = h + bias.reshape(1, c, 1, 1) if bias is not None else h
@@ -50,12 +73,16 @@ def reference(h, shortcut, w1, b1, w2, b2, *, bias, shortcut_bias, skip_gain, ma
         if b2 is not None:
             z = z + b2
         scale = scale * attn_gain / (1 + torch.exp(-z)).reshape(n, c, 1, 1)
+    if eca_weight is not None:
+        z = eca_logits(hb.sum(dim=(2, 3)) / (hh * ww), eca_weight)
+        scale = scale * attn_gain / (1 + torch.exp(-z)).reshape(n, c, 1, 1)
     out = scale * hb if shortcut is None else shortcut + scale * hb
     return out + shortcut_bias.reshape(1, c, 1, 1) if shortcut_bias is not None else out
 
 
-def make_inputs(shape, rd, opts, dtype, channels_last=False, fc_2d=False, seed=0):
-    """(tensors, dout): tensors is a dict of the op's arguments; random, non-zero, fixed seed."""
+def make_inputs(shape, rd, opts, dtype, channels_last=False, fc_2d=False, seed=0, eca_k=None, eca_1d=False):
+    """(tensors, dout): tensors is a dict of the op's arguments; random, non-zero, fixed seed.
+    SE with rd, ECA with eca_k (its weight (k,) with eca_1d, else (1, 1, k)), at most one."""
     g = torch.Generator().manual_seed(seed)
     n, c = shape[:2]
 
@@ -68,6 +95,8 @@ def make_inputs(shape, rd, opts, dtype, channels_last=False, fc_2d=False, seed=0
         t["fc2_weight"] = rnd(c, rd, scale=1 / math.sqrt(rd)) if fc_2d else rnd(c, rd, 1, 1, scale=1 / math.sqrt(rd))
         t["fc1_bias"] = rnd(rd, scale=0.5) if opts["fc1_bias"] else None
         t["fc2_bias"] = rnd(c, scale=0.5) if opts["fc2_bias"] else None
+    if eca_k is not None:
+        t["eca_weight"] = rnd(eca_k) if eca_1d else rnd(1, 1, eca_k)
     t["bias"] = rnd(c, scale=0.5) if opts["bias"] else None
     t["shortcut_bias"] = rnd(c) if opts["shortcut_bias"] else None
     t["skip_gain"] = 0.5 + torch.rand((), generator=g, dtype=torch.float64) if opts["skip_gain"] else None
@@ -82,13 +111,14 @@ def make_inputs(shape, rd, opts, dtype, channels_last=False, fc_2d=False, seed=0
     return t, dout.to(DEVICE, dtype)
 
 
-DIFFERENTIABLE = ("h", "shortcut", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "bias", "shortcut_bias",
-                  "skip_gain")
+DIFFERENTIABLE = ("h", "shortcut", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "eca_weight", "bias",
+                  "shortcut_bias", "skip_gain")
 
 
 def call(fn, t, **kw):
     return fn(t["h"], t["shortcut"], t.get("fc1_weight"), t.get("fc1_bias"), t.get("fc2_weight"), t.get("fc2_bias"),
-              bias=t["bias"], shortcut_bias=t["shortcut_bias"], skip_gain=t["skip_gain"], mask=t["mask"], **kw)
+              bias=t["bias"], shortcut_bias=t["shortcut_bias"], skip_gain=t["skip_gain"], mask=t["mask"],
+              eca_weight=t.get("eca_weight"), **kw)
 
 
 def leaves(t, cast=None, requires=DIFFERENTIABLE):
@@ -154,9 +184,32 @@ def test_forward_backward_matches_float64(backend, case, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ECA_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eca_forward_backward_matches_float64(backend, case, dtype):
+    """ECA (timm EcaModule: conv1d over the pooled channels, zero padding) in place of SE, every
+    gradient against float64 math (the conv as a Toeplitz matrix product)."""
+    shape, k, opts, channels_last, weight_1d, with_shortcut = ECA_CASES[case]
+    t, dout = make_inputs(shape, None, opts, dtype, channels_last, seed=sum(map(ord, case)), eca_k=k,
+                          eca_1d=weight_1d)
+    if not with_shortcut:
+        t["shortcut"] = None
+    out, g = run_and_grad(t, dout, backend)
+    assert out.dtype == dtype and out.shape == shape
+    assert out.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    assert g["h"].is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    assert set(g) == {k for k in DIFFERENTIABLE if t.get(k) is not None} and "eca_weight" in g
+    for name, v in g.items():
+        assert v.shape == t[name].shape and v.dtype == dtype, name
+    assert_all_close((out, g), reference_and_grad(t, dout), tolerance(dtype, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_twice_plain_torch(backend, dtype):
-    t, dout = make_inputs((2, 12, 5, 6), 4, ALL, dtype, channels_last=True, seed=3)
+@pytest.mark.parametrize("attn", ["se", "eca"])
+def test_low_precision_within_twice_plain_torch(backend, dtype, attn):
+    rd, eca_k = (4, None) if attn == "se" else (None, 5)
+    t, dout = make_inputs((2, 12, 5, 6), rd, ALL, dtype, channels_last=True, seed=3, eca_k=eca_k)
     out, g = run_and_grad(t, dout, backend)
     ref, ref_g = reference_and_grad(t, dout)
     plain, plain_g = plain_torch_in_dtype(t, dout)
@@ -164,6 +217,24 @@ def test_low_precision_within_twice_plain_torch(backend, dtype):
     assert_close(out, ref, tolerance(dtype, backend, rel_err(plain, ref)), "forward")
     for k in ref_g:
         assert_close(g[k], ref_g[k], tolerance(dtype, backend, rel_err(plain_g[k], ref_g[k])), f"d{k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eca_float32_weight_next_to_bfloat16_h(backend):
+    """The autocast case: a float32 eca_weight (the module's parameter) next to bfloat16
+    activations is used as is, and its gradient comes back in float32; no worse than the same
+    call with the weight rounded to bfloat16 is to plain bfloat16 PyTorch's bound."""
+    t, dout = make_inputs((2, 9, 3, 5), None, ALL, torch.bfloat16, seed=4, eca_k=3)
+    t["eca_weight"] = t["eca_weight"].float()
+    out, g = run_and_grad(t, dout, backend)
+    assert out.dtype == torch.bfloat16 and g["eca_weight"].dtype == torch.float32
+    assert all(v.dtype == torch.bfloat16 for k, v in g.items() if k != "eca_weight")
+    ref, ref_g = reference_and_grad(t, dout)
+    t["eca_weight"] = t["eca_weight"].bfloat16()
+    plain, plain_g = plain_torch_in_dtype(t, dout)
+    assert_close(out, ref, tolerance(torch.bfloat16, backend, rel_err(plain, ref)), "forward")
+    for k in ref_g:
+        assert_close(g[k], ref_g[k], tolerance(torch.bfloat16, backend, rel_err(plain_g[k], ref_g[k])), f"d{k}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -276,15 +347,16 @@ def test_cuda_reductions_split_where_blocks_are_few():
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
-@pytest.mark.parametrize("rd", [5, None])
+@pytest.mark.parametrize("attn", list(ATTN))
 @pytest.mark.parametrize("split", [False, True], ids=["whole_hw", "split_hw"])
-def test_channel_sums_loop_over_samples(monkeypatch, rd, split):
-    """The per-channel sums over samples (and over hidden units for db1) in several blocks,
-    the last one partial, adding S1 and S2 over one or several splits of HW."""
+def test_channel_sums_loop_over_samples(monkeypatch, attn, split):
+    """The per-channel sums over samples (and over hidden units for db1; none with ECA) in
+    several blocks, the last one partial, adding S1 and S2 over one or several splits of HW."""
     monkeypatch.setattr(se_op, "SMALL_BLOCK_C", 2)
     monkeypatch.setattr(se_op, "SUMS_TILE", 4)
     monkeypatch.setattr(se_op, "MIN_SPLIT_HW", 2 if split else 10**6)
-    t, dout = make_inputs((5, 3, 2, 3), rd, ALL, torch.float64, seed=12)
+    rd, eca_k = ATTN[attn]
+    t, dout = make_inputs((5, 3, 2, 3), 5 if rd else None, ALL, torch.float64, seed=12, eca_k=eca_k)
     t["mask"] = torch.tensor([1.25, 0.0, 1.25, 1.25, 0.5], dtype=torch.float32, device=DEVICE)
     got = run_and_grad(t, dout, "triton")
     assert_all_close(got, reference_and_grad(t, dout), 1e-6)
@@ -341,13 +413,14 @@ def test_empty_batch(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 6, 0, 3), (2, 6, 3, 0), (1, 6, 0, 0)], ids=str)
-@pytest.mark.parametrize("rd", [3, None], ids=["se", "no_se"])
+@pytest.mark.parametrize("attn", list(ATTN))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_empty_spatial(backend, shape, rd, channels_last):
+def test_empty_spatial(backend, shape, attn, channels_last):
     """H·W = 0 (issue 10, item 7): the output has no elements, so no parameter influences the
     loss and every gradient is exactly 0 (the pooled mean over an empty map must not turn the
-    SE weights' gradients into 0·NaN = NaN)."""
-    t, dout = make_inputs(shape, rd, ALL, torch.float32, channels_last, seed=30)
+    SE or ECA weights' gradients into 0·NaN = NaN)."""
+    rd, eca_k = ATTN[attn]
+    t, dout = make_inputs(shape, rd, ALL, torch.float32, channels_last, seed=30, eca_k=eca_k)
     out, g = run_and_grad(t, dout, backend)
     assert out.shape == shape and out.dtype == torch.float32
     assert set(g) == {k for k in DIFFERENTIABLE if t.get(k) is not None}
@@ -356,17 +429,31 @@ def test_empty_spatial(backend, shape, rd, channels_last):
         assert torch.equal(grad, torch.zeros_like(t[k])), f"d{k} is not 0: {grad.flatten()[:4].tolist()}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5, 3, 3), (2, 0, 3, 3)], ids=str)
+def test_eca_empty_batch_or_channels(backend, shape):
+    """No samples or no channels (k > C = 0 included): the torch path, an empty output and
+    zero gradients, eca_weight's too."""
+    t, dout = make_inputs(shape, None, ALL, torch.float32, seed=32, eca_k=3)
+    t["mask"] = None
+    out, g = run_and_grad(t, dout, backend)
+    assert out.shape == shape
+    assert g["eca_weight"].shape == (1, 1, 3) and torch.equal(g["eca_weight"], torch.zeros_like(t["eca_weight"]))
+    assert g["h"].shape == shape
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
-@pytest.mark.parametrize("rd", [3, None])
+@pytest.mark.parametrize("attn", list(ATTN))
 @pytest.mark.parametrize("split", [False, True], ids=["whole_hw", "split_hw"])
-def test_triton_kernels_are_what_runs(count_launches, monkeypatch, rd, split):
+def test_triton_kernels_are_what_runs(count_launches, monkeypatch, attn, split):
     names = ("_se_pool_fwd_kernel", "_se_pool_finish_kernel", "_se_gate_fwd_kernel", "_se_gate_bwd_reduce_kernel",
              "_se_gate_bwd_dz_kernel", "_se_gate_bwd_kernel", "_se_gate_bwd_sums_kernel")
     counters = [count_launches(se_op, name) for name in names]
     monkeypatch.setattr(se_op, "MIN_SPLIT_HW", 2 if split else 10**6)
-    t, dout = make_inputs((2, 6, 3, 3), rd, ALL, torch.float32, seed=31)
+    rd, eca_k = ATTN[attn]
+    t, dout = make_inputs((2, 6, 3, 3), rd, ALL, torch.float32, seed=31, eca_k=eca_k)
     run_and_grad(t, dout, "triton")
-    se = rd is not None  # no SE: nothing to pool, no dz
+    se = attn != "no_se"  # no attention: nothing to pool, no dz; ECA's kernels are SE's
     expected = [int(se), int(se and split), 1, 1, int(se and split), 1, 1]
     assert [c.count for c in counters] == expected
     run_and_grad(t, dout, "torch")
@@ -419,23 +506,27 @@ class LaunchCounter(TorchDispatchMode):
         return launches
 
 
-# (SE, every optional argument) -> the most launches of the forward, of the backward (fp32), HW
-# split in the reductions: the SE MLP's matmuls (fc1 with its relu when it has a bias), relu's
-# backward and dk's sum around the pooling (+ finish), gate, backward reduction (+ dz's finish),
-# backward streaming and per-channel sums kernels. Unsplit, one fewer each way with SE.
-MAX_LAUNCHES = {(True, True): (5, 10), (True, False): (6, 9), (False, True): (1, 4), (False, False): (1, 3)}
+# (attention, every optional argument) -> the most launches of the forward, of the backward
+# (fp32), HW split in the reductions: around the pooling (+ finish), gate, backward reduction
+# (+ dz's finish), backward streaming and per-channel sums kernels, dk's sum and, with SE, the
+# MLP's matmuls (fc1 with its relu when it has a bias) and relu's backward; with ECA the conv's
+# pad, product and sum, and in the backward w reversed and a pad, product and sum for each of dp
+# and dw. Unsplit, one fewer each way with attention.
+MAX_LAUNCHES = {("se", True): (5, 10), ("se", False): (6, 9), ("eca", True): (6, 12), ("eca", False): (6, 11),
+                ("no_se", True): (1, 4), ("no_se", False): (1, 3)}
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
-@pytest.mark.parametrize("se, full", list(MAX_LAUNCHES), ids=str)
+@pytest.mark.parametrize("attn, full", list(MAX_LAUNCHES), ids=str)
 @pytest.mark.parametrize("split", [False, True], ids=["whole_hw", "split_hw"])
-def test_launches_per_block(monkeypatch, se, full, split):
-    """One SE block's forward and backward in a few launches: the gate's scalars are formed
-    inside the kernels, the splits of HW are added up in kernels that run anyway where they can,
-    and nothing is zero-filled for the gradients of pool, hidden and logits, which nobody asks
-    for (materialize_grads off)."""
+def test_launches_per_block(monkeypatch, attn, full, split):
+    """One SE (or ECA) block's forward and backward in a few launches: the gate's scalars are
+    formed inside the kernels, the splits of HW are added up in kernels that run anyway where
+    they can, and nothing is zero-filled for the gradients of pool, hidden and logits, which
+    nobody asks for (materialize_grads off)."""
     monkeypatch.setattr(se_op, "MIN_SPLIT_HW", 2 if split else 10**6)
-    t, dout = make_inputs((2, 6, 3, 3), 3 if se else None, ALL if full else NONE, torch.float32, seed=43)
+    rd, eca_k = ATTN[attn]
+    t, dout = make_inputs((2, 6, 3, 3), rd, ALL if full else NONE, torch.float32, seed=43, eca_k=eca_k)
     if not full:
         t["shortcut"] = None
     t = leaves(t)
@@ -446,8 +537,8 @@ def test_launches_per_block(monkeypatch, se, full, split):
         forward = counter.take()
         got = torch.autograd.grad(out, inputs, dout)
         backward = counter.take()
-    max_forward, max_backward = MAX_LAUNCHES[se, full]
-    if se and not split:
+    max_forward, max_backward = MAX_LAUNCHES[attn, full]
+    if attn != "no_se" and not split:
         max_forward, max_backward = max_forward - 1, max_backward - 1
     assert len(forward) <= max_forward, forward
     assert len(backward) <= max_backward, backward
@@ -471,7 +562,7 @@ def test_backward_skips_what_nobody_asked_for(monkeypatch):
         assert counter.take() == []
     assert torch.equal(dshortcut, dout)
     backward = se_op._backward_through(se_op.se_gate_residual_bwd)
-    assert backward(None, None, None, None, None) == (None,) * 12
+    assert backward(None, None, None, None, None) == (None,) * 13
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -514,6 +605,51 @@ def test_matches_timm_normfreeblock_tail(backend):
             F.conv2d(x, conv3_w), F.conv2d(x, down_w), fc1_w, fc1_b, fc2_w, fc2_b, bias=conv3_b,
             shortcut_bias=down_b, skip_gain=skipinit_gain, mask=(random_tensor / keep_prob).view(n),
             alpha=alpha, attn_gain=attn_gain)
+    got_grads = torch.autograd.grad(got, params, dout)
+    tol = tolerance(torch.float64, backend)
+    assert_close(got, want, tol, "forward")
+    for i, (a, b) in enumerate(zip(got_grads, want_grads)):
+        assert_close(a, b, tol, f"grad of parameter {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_timm_eca_normfreeblock_tail(backend):
+    """timm's EcaModule (non-mlp form, as in eca_nfnet_l* and nf_ecaresnet*) written literally
+    (mean -> conv1d over channels -> sigmoid) in NormFreeBlock's tail, against the fused op fed
+    the conv outputs without their biases; gradients flow back into the convs, the ECA weight
+    (an nn.Conv1d(1, 1, 5, bias=False) weight: k = 5 > C = 4) and the input."""
+    g = torch.Generator().manual_seed(38)
+
+    def rnd(*size, scale=1.0):
+        return (scale * torch.randn(*size, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_(True)
+
+    n, cin, c, k = 3, 5, 4, 5
+    x = rnd(n, cin, 5, 3)
+    conv3_w, conv3_b = rnd(c, cin, 1, 1, scale=0.5), rnd(c, scale=0.3)
+    down_w, down_b = rnd(c, cin, 1, 1, scale=0.5), rnd(c, scale=0.3)
+    eca_w = rnd(1, 1, k, scale=0.7)
+    skipinit_gain = torch.tensor(0.6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    params = (x, conv3_w, conv3_b, down_w, down_b, eca_w, skipinit_gain)
+    keep_prob, alpha, attn_gain = 0.75, 0.2, 2.0
+    random_tensor = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64, device=DEVICE).view(n, 1, 1, 1)
+    dout = torch.randn(n, c, 5, 3, generator=g, dtype=torch.float64).to(DEVICE)
+
+    shortcut = F.conv2d(x, down_w, down_b)
+    out = F.conv2d(x, conv3_w, conv3_b)
+    # timm EcaModule.forward: y = x.mean((2, 3)).view(x.shape[0], 1, -1); y = self.conv(y);
+    # y = self.gate(y).view(x.shape[0], -1, 1, 1); return x * y.expand_as(x)
+    y = out.mean((2, 3)).view(n, 1, -1)
+    y = F.conv1d(y, eca_w, padding=(k - 1) // 2)
+    out = attn_gain * (out * y.sigmoid().view(n, -1, 1, 1).expand_as(out))
+    out = out.div(keep_prob) * random_tensor
+    out = out * skipinit_gain
+    want = out * alpha + shortcut
+    want_grads = torch.autograd.grad(want, params, dout)
+
+    with nfk.use_backend(backend):
+        got = nfk.se_gate_residual(
+            F.conv2d(x, conv3_w), F.conv2d(x, down_w), bias=conv3_b, shortcut_bias=down_b, skip_gain=skipinit_gain,
+            mask=(random_tensor / keep_prob).view(n), alpha=alpha, attn_gain=attn_gain, eca_weight=eca_w)
     got_grads = torch.autograd.grad(got, params, dout)
     tol = tolerance(torch.float64, backend)
     assert_close(got, want, tol, "forward")
@@ -594,6 +730,35 @@ def test_bad_inputs_raise_clear_errors():
     assert out.dtype == h.dtype
 
 
+def test_eca_bad_inputs_raise_clear_errors():
+    h, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    w1, w2, eca = torch.randn(2, 4, 1, 1), torch.randn(4, 2, 1, 1), torch.randn(1, 1, 3)
+    f = nfk.se_gate_residual
+    with pytest.raises(TypeError, match="eca_weight must be a torch.Tensor"):
+        f(h, s, eca_weight=[0.1, 0.2, 0.3])
+    with pytest.raises(TypeError, match="eca_weight must have dtype"):
+        f(h, s, eca_weight=torch.ones(1, 1, 3, dtype=torch.int64))
+    for bad in (torch.randn(1, 3), torch.randn(2, 1, 3), torch.randn(1, 2, 3), torch.randn(1, 1, 1, 3)):
+        with pytest.raises(ValueError, match=r"eca_weight must have shape \(1, 1, k\)"):
+            f(h, s, eca_weight=bad)
+    for bad in (torch.randn(1, 1, 4), torch.randn(2), torch.randn(0)):
+        with pytest.raises(ValueError, match="eca_weight must have an odd kernel size"):
+            f(h, s, eca_weight=bad)
+    with pytest.raises(ValueError, match="eca_weight was given together with fc1_weight, fc2_weight"):
+        f(h, s, w1, None, w2, eca_weight=eca)
+    with pytest.raises(ValueError, match="eca_weight was given together with fc2_bias"):
+        f(h, s, None, None, None, torch.randn(4), eca_weight=eca)
+    with pytest.raises(ValueError, match="eca_weight is on meta"):
+        f(h, s, eca_weight=torch.empty(1, 1, 3, device="meta"))
+    with pytest.raises(TypeError, match="eca_weight has dtype torch.float64"):
+        f(h, s, eca_weight=eca.double())
+    with pytest.raises(TypeError, match="eca_weight has dtype torch.float16"):
+        f(h.bfloat16(), s.bfloat16(), eca_weight=eca.half())
+    # float32 next to float16/bfloat16 h (autocast), and (k,): accepted; k > C too
+    assert f(h.half(), s.half(), eca_weight=eca).dtype == torch.float16
+    assert f(h, s, eca_weight=torch.randn(7)).shape == h.shape
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_grad_from_sum(backend):
     """out.sum().backward() hands the op a stride-0 gradient."""
@@ -604,4 +769,5 @@ def test_expanded_grad_from_sum(backend):
     ref = leaves(t, cast=torch.float64)
     call(lambda *a, **k: reference(*a, **k, alpha=0.2, attn_gain=2.0), ref).sum().backward()
     for k in DIFFERENTIABLE:
-        assert_close(t[k].grad, ref[k].grad, tolerance(torch.float64, backend), f"d{k}")
+        if t.get(k) is not None:
+            assert_close(t[k].grad, ref[k].grad, tolerance(torch.float64, backend), f"d{k}")

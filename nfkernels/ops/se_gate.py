@@ -1,6 +1,7 @@
 """Squeeze-excite gate with the SkipInit residual: the tail of an NF-ResNet/NFNet block (timm
-``NormFreeBlock`` with ``attn_last=SEModule``, ``drop_path``, ``skipinit_gain`` and ``alpha``;
-Brock et al. 2021, arXiv:2102.06171; docs/design.md §5 "Squeeze-excite gate with residual").
+``NormFreeBlock`` with ``attn_last=SEModule`` or ``EcaModule``, ``drop_path``, ``skipinit_gain``
+and ``alpha``; Brock et al. 2021, arXiv:2102.06171; docs/design.md §5 "Squeeze-excite gate with
+residual").
 
 With h the conv3 output without its bias b, the shortcut s without its bias sb, the SkipInit
 scalar k (1 without one), the per-sample stochastic-depth multipliers m_n (1 without a mask) and
@@ -8,8 +9,14 @@ HW = H·W:
 
     hb   = h + b_c
     p    = mean_hw hb                                   (N, C; 0 when HW = 0, see below)
-    a    = fc1(p) = p·W1ᵀ + b1,  r = relu(a),  z = fc2(r) = r·W2ᵀ + b2,  g = sigmoid(z)
-    u    = gain · m_n · g_{n,c},  gain = α · attn_gain   (u = α · m_n without SE: no gain, no sigmoid)
+    z    = the attention's logits (N, C), either
+           SE:  a = fc1(p) = p·W1ᵀ + b1,  r = relu(a),  z = fc2(r) = r·W2ᵀ + b2
+           ECA: z_{n,c} = Σ_j w_j · p_{n,c+j−P}         (timm EcaModule: conv1d over the channels,
+                                                          K odd taps w, P = (K − 1)/2, p = 0 outside
+                                                          [0, C), no bias)
+    g    = sigmoid(z)
+    u    = gain · m_n · g_{n,c},  gain = α · attn_gain   (u = α · m_n without attention: no gain,
+                                                          no sigmoid)
     coef = k · u
     out  = s + sb_c + coef_{n,c} · hb
 
@@ -17,34 +24,42 @@ Backward, with S1 = Σ_hw dout and S2 = Σ_hw dout·hb per (n, c):
 
     ds = dout,  dsb_c = Σ_n S1,  dk = Σ_{n,c} S2·u
     dz = S2 · k·gain·m_n · σ(z)σ(−z)            (= g(1 − g), without its cancellation at g ≈ 1)
-    dW2 = dzᵀ·r,  db2 = Σ_n dz,  da = (dz·W2) ⊙ [a > 0],  dW1 = daᵀ·p,  db1 = Σ_n da,  dp = da·W1
+    SE:  dW2 = dzᵀ·r,  db2 = Σ_n dz,  da = (dz·W2) ⊙ [a > 0],  dW1 = daᵀ·p,  db1 = Σ_n da,  dp = da·W1
+    ECA: dw_j = Σ_{n,c} dz_{n,c}·p_{n,c+j−P},  dp_{n,c} = Σ_j w_j·dz_{n,c−j+P}  (conv_transpose1d)
     dh = dout·coef + dp/HW,  db_c = Σ_n (coef·S1 + dp)
 
 The kernels: the pooling (bias and 1/HW folded in), the gate forward (coef formed from z, m, k
 and the gain inside it), the backward reduction (S1 and S2 per (n, c); dz from them), the backward
 streaming (dh, coef formed again) and the per-channel sums over samples (S1, coef·S1 + dp, S2·u,
-dz, and da for db1). The two reductions over HW split it where batch × channel blocks would leave
-SMs idle (``_reduce_plan``: NFNet-F0's channels_last stages 0 and 1 at batch 32); the splits'
-partial sums are then added in split order, for the pooling by a finish kernel, for dz by one too
-(the SE MLP's matmuls need it), and for S1, S2 by the per-channel sums, which read the splits
-themselves: deterministic, no atomics, no counters. The SE MLP and its gradients run on (N, C)
-with torch matmuls (fc1 with its relu in one ``_addmm_activation`` when it has a bias). Launches
-per call (fp32, every option present): forward 5 with SE (pool, its finish where split, fc1+relu,
-fc2, gate; 6 without an fc1 bias), 1 without; backward 10 with SE (reduction, dz's finish where
-split, 4 matmuls, relu's backward, streaming, sums, dk), 4 without (tests/test_se_gate.py counts
-them). The forward reads h twice (pool, gate) and the shortcut once and writes out once; the
-backward reads dout twice and h once and writes dh once: 4 + 4 passes over the activation,
-against a floor of 3 + 3. dk is taken from u, never by dividing by k (k is 0 at init).
+dz, and da for db1). They see only the logits z, so SE and ECA share them (their HAS_SE flags
+mean "a gate": either attention); with ECA the per-channel sums get no da (no hidden units) and
+their Σ_n dz (SE's db2) goes unused. The two reductions over HW split it where batch × channel
+blocks would leave SMs idle (``_reduce_plan``: NFNet-F0's channels_last stages 0 and 1 at batch
+32); the splits' partial sums are then added in split order, for the pooling by a finish kernel,
+for dz by one too (the attention's gradients need it), and for S1, S2 by the per-channel sums,
+which read the splits themselves: deterministic, no atomics, no counters. The attention and its
+gradients run on (N, C) with torch ops in the accumulation dtype: the SE MLP as matmuls (fc1 with
+its relu in one ``_addmm_activation`` when it has a bias), ECA's channel conv as a product and a
+sum over K-wide windows of the zero-padded p (``_eca_conv``; not F.conv1d, which cuDNN computes
+in TF32 by default). Launches per call (fp32, every option present): forward 5 with SE (pool,
+its finish where split, fc1+relu, fc2, gate; 6 without an fc1 bias), 6 with ECA (pool, its
+finish where split, the conv's pad, product and sum, gate), 1 without attention; backward 10
+with SE (reduction, dz's finish where split, 4 matmuls, relu's backward, streaming, sums, dk),
+12 with ECA (reduction, dz's finish where split, w reversed, a pad, product and sum each for dp
+and dw, streaming, sums, dk), 4 without (tests/test_se_gate.py counts them). The forward reads
+h twice (pool, gate) and the shortcut once and writes out once; the backward reads dout twice
+and h once and writes dh once: 4 + 4 passes over the activation, against a floor of 3 + 3. dk
+is taken from u, never by dividing by k (k is 0 at init).
 
 With HW = 0 the output has no elements, so nothing depends on any parameter and every gradient
 is 0. The mean over the empty map is then taken as 0 (torch's and timm's is NaN, which would
-make S2·g(1 − g) = 0·NaN and the SE weights' gradients NaN); as p reaches no output element,
-the forward is unchanged. Empty inputs run on the torch path (``se_gate_residual_torch``).
+make S2·g(1 − g) = 0·NaN and the attention weights' gradients NaN); as p reaches no output
+element, the forward is unchanged. Empty inputs run on the torch path (``se_gate_residual_torch``).
 
 Two kernel sets implement the kernels: the Triton ones below and the CUDA ones of
 csrc/se_gate.cu, behind the same launcher interface (``Kernels``). The host-side math (the SE
-MLP and its gradients) is shared; each set is registered as its own pair of ops
-(``se_gate_residual_fwd`` / ``_bwd`` and ``..._cuda``) with one autograd formula.
+MLP or the ECA conv, and their gradients) is shared; each set is registered as its own pair of
+ops (``se_gate_residual_fwd`` / ``_bwd`` and ``..._cuda``) with one autograd formula.
 """
 from __future__ import annotations
 
@@ -545,12 +560,12 @@ def _autocast_off(device_type: str):
 # ----------------------------------------------------------------------------- launchers
 
 class Gate(NamedTuple):
-    """What the kernels form coef_{n,c} = k·u, u = gain·m_n·σ(z_{n,c}) (gain·m_n without SE) from."""
+    """What the kernels form coef_{n,c} = k·u, u = gain·m_n·σ(z_{n,c}) (gain·m_n without attention) from."""
 
-    logits: torch.Tensor | None  # z, (N, C) in the accumulation dtype; None without SE
+    logits: torch.Tensor | None  # z (SE's or ECA's), (N, C) in the accumulation dtype; None without attention
     mask: torch.Tensor | None  # m, (N,) dense in the accumulation dtype; None: 1
     skip_gain: torch.Tensor | None  # k, one element in h's dtype or fp32; None: 1
-    gain: float  # α·attn_gain, or α without SE
+    gain: float  # α·attn_gain, or α without attention
 
 
 class GradSums(NamedTuple):
@@ -819,8 +834,8 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _make_gate(logits, mask, skip_gain, alpha, attn_gain, acc) -> Gate:
-    """The Gate of a call; logits None without SE. Each operand is used as given when it is
-    already right (no launch)."""
+    """The Gate of a call; logits None without attention (SE or ECA). Each operand is used as
+    given when it is already right (no launch)."""
     mask = _flat(mask.to(acc)) if mask is not None else None
     return Gate(logits, mask, skip_gain, alpha * attn_gain if logits is not None else alpha)
 
@@ -833,24 +848,57 @@ def _linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch._addmm_activation(bias, x, weight.t())
 
 
+def _eca_windows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The (N, C, k) view windows[n, c, j] = x[n, c + j − P] of an (N, C) tensor x, P = (k − 1)/2,
+    x taken as 0 outside [0, C): the zero padding of ECA's channel conv. The pad's one extra zero
+    on the right gives unfold a window to make when C = 0 (k − 1 < k positions); that extra
+    window is dropped."""
+    pad = (k - 1) // 2
+    return F.pad(x, (pad, pad + 1)).unfold(1, k, 1)[:, :-1]
+
+
+def _eca_conv(pool: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ECA's logits z_{n,c} = Σ_j w_j·p_{n,c+j−P} (timm EcaModule's conv1d over the channels:
+    zero padding, no bias) of an (N, C) p and a (k,) w, as a contiguous (N, C) tensor in their
+    dtype. A product and a sum over the windows rather than F.conv1d: cuDNN computes fp32 convs
+    in TF32 by default (torch.backends.cudnn.allow_tf32), which would cost the gate its fp32
+    accuracy; elementwise ops and sums have no such mode."""
+    return (_eca_windows(pool, weight.numel()) * weight).sum(-1).contiguous()
+
+
+def _eca_backward(pool: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dp, dw) of z = _eca_conv(p, w) for the logits' gradient dz: dp_{n,c} = Σ_j w_j·dz_{n,c−j+P}
+    (conv_transpose1d: the windows of dz against w reversed), contiguous (N, C), and
+    dw_j = Σ_{n,c} dz_{n,c}·p_{n,c+j−P}, (k,)."""
+    k = weight.numel()
+    dpool = (_eca_windows(dz, k) * weight.flip(0)).sum(-1).contiguous()
+    dweight = (_eca_windows(pool, k) * dz.unsqueeze(-1)).sum((0, 1))
+    return dpool, dweight
+
+
 def _forward(
-    kernels: Kernels, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias, skip_gain, mask,
-    alpha, attn_gain,
+    kernels: Kernels, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias, shortcut_bias,
+    skip_gain, mask, alpha, attn_gain,
 ):
-    """Forward (module docstring) with ``kernels``. Returns (out in h's native layout, p, r, z),
-    the last three (N, C), (N, rd), (N, C) in the accumulation dtype for backward; empty (0,)
-    without SE (an op cannot return None). The gate's logits z are kept, not g = σ(z): the
+    """Forward (module docstring) with ``kernels``; SE with fc1_weight, ECA with eca_weight (never
+    both), else no attention. Returns (out in h's native layout, p, r, z), the last three (N, C),
+    (N, rd), (N, C) in the accumulation dtype for backward; r empty (0,) with ECA, all three
+    without attention (an op cannot return None). The gate's logits z are kept, not g = σ(z): the
     backward needs σ'(z) = σ(z)σ(−z), which g(1 − g) loses where g rounds to 1."""
     h = _native_layout(h)
     shortcut = _in_layout_of(shortcut, h) if shortcut is not None else None
     acc = _acc_dtype(h.dtype)
     bias = _flat(bias)
-    if fc1_weight is not None:
+    if fc1_weight is not None or eca_weight is not None:
         pool = kernels.pool(h, bias)
         # The gate is computed in acc precision even under autocast, which would recast fc1/fc2.
         with _autocast_off(h.device.type):
-            hidden = _linear_relu(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc))
-            logits = F.linear(hidden, _acc_matrix(fc2_weight, acc), _acc_vector(fc2_bias, acc))
+            if fc1_weight is not None:
+                hidden = _linear_relu(pool, _acc_matrix(fc1_weight, acc), _acc_vector(fc1_bias, acc))
+                logits = F.linear(hidden, _acc_matrix(fc2_weight, acc), _acc_vector(fc2_bias, acc))
+            else:
+                hidden = pool.new_empty(0)
+                logits = _eca_conv(pool, _acc_vector(eca_weight, acc))
         gate = _make_gate(logits, mask, skip_gain, alpha, attn_gain, acc)
     else:
         pool, hidden, logits = (h.new_empty(0, dtype=acc) for _ in range(3))  # distinct: outputs may not alias
@@ -859,30 +907,35 @@ def _forward(
     return out, pool, hidden, logits
 
 
-def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, logits,
-                   alpha, attn_gain):
+def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, eca_weight, bias, skip_gain, mask, pool,
+                   hidden, logits, alpha, attn_gain):
     """Backward (module docstring) with ``kernels``. Returns (dh in h's native layout and dtype,
-    dW1 (rd, C), db1 (rd,), dW2 (C, rd), db2 (C,), dbias (C,), dshortcut_bias (C,), dskip ()), all
-    but dh in the accumulation dtype; the SE terms are empty (0,) without SE, dskip without
-    skip_gain. The caller casts and reshapes them to the parameters' dtypes and shapes;
-    dshortcut = dout needs no kernel."""
+    dW1 (rd, C), db1 (rd,), dW2 (C, rd), db2 (C,), deca (k,), dbias (C,), dshortcut_bias (C,),
+    dskip ()), all but dh in the accumulation dtype; the SE terms are empty (0,) without SE (but
+    db2, (C,) with ECA, which nothing uses), deca without ECA, dskip without skip_gain. The caller
+    casts and reshapes them to the parameters' dtypes and shapes; dshortcut = dout needs no
+    kernel."""
     h = _native_layout(h)
     acc = _acc_dtype(h.dtype)
     dout = _in_layout_of(dout, h)
-    has_se = fc1_weight is not None
-    gate = _make_gate(logits if has_se else None, mask, skip_gain, alpha, attn_gain, acc)
+    has_attn = fc1_weight is not None or eca_weight is not None
+    gate = _make_gate(logits if has_attn else None, mask, skip_gain, alpha, attn_gain, acc)
     sums = kernels.bwd_reduce(dout, h, _flat(bias), gate)
-    dw1, dw2 = (sums.sums.new_empty(0) for _ in range(2))  # distinct: outputs may not alias
+    dw1, dw2, deca = (sums.sums.new_empty(0) for _ in range(3))  # distinct: outputs may not alias
     dpool = da = None
-    if has_se:
+    if fc1_weight is not None:
         with _autocast_off(h.device.type):  # the SE's gradients in acc precision, as its forward
             dw2 = sums.dz.t() @ hidden
             da = torch.ops.aten.threshold_backward(sums.dz @ _acc_matrix(fc2_weight, acc), hidden, 0)  # relu's
             dw1 = da.t() @ pool
             dpool = da @ _acc_matrix(fc1_weight, acc)
+    elif eca_weight is not None:
+        with _autocast_off(h.device.type):  # ECA's gradients in acc precision, as its forward
+            dpool, deca = _eca_backward(pool, sums.dz, _acc_vector(eca_weight, acc))
+    # With ECA da stays None: no hidden units, rd = 0 in the per-channel sums (dfc1_bias (0,)).
     dh, dsb, dbias, dskip_partial, db2, db1 = kernels.bwd(dout, gate, sums, dpool, da)
     dskip = dskip_partial.sum() if skip_gain is not None else dskip_partial.new_empty(0)
-    return dh, dw1, db1, dw2, db2, dbias, dsb, dskip
+    return dh, dw1, db1, dw2, db2, deca, dbias, dsb, dskip
 
 
 # The registered ops: explicit signatures (torch.library infers the schema from them), one per
@@ -891,45 +944,47 @@ def _backward_math(kernels: Kernels, dout, h, fc1_weight, fc2_weight, bias, skip
 def _se_gate_residual_fwd(
     h: torch.Tensor, shortcut: Optional[torch.Tensor], fc1_weight: Optional[torch.Tensor],
     fc1_bias: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor], fc2_bias: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], shortcut_bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor], alpha: float, attn_gain: float,
+    eca_weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], shortcut_bias: Optional[torch.Tensor],
+    skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor], alpha: float, attn_gain: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """_forward with the Triton kernels."""
-    return _forward(TRITON_KERNELS, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
-                    skip_gain, mask, alpha, attn_gain)
+    return _forward(TRITON_KERNELS, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias,
+                    shortcut_bias, skip_gain, mask, alpha, attn_gain)
 
 
 def _se_gate_residual_fwd_cuda(
     h: torch.Tensor, shortcut: Optional[torch.Tensor], fc1_weight: Optional[torch.Tensor],
     fc1_bias: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor], fc2_bias: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], shortcut_bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor], alpha: float, attn_gain: float,
+    eca_weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], shortcut_bias: Optional[torch.Tensor],
+    skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor], alpha: float, attn_gain: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """_forward with the CUDA kernels of nfkernels._C."""
-    return _forward(CUDA_KERNELS, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
-                    skip_gain, mask, alpha, attn_gain)
+    return _forward(CUDA_KERNELS, h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias,
+                    shortcut_bias, skip_gain, mask, alpha, attn_gain)
 
 
 def _se_gate_residual_bwd(
     dout: torch.Tensor, h: torch.Tensor, fc1_weight: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-    pool: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: float, attn_gain: float,
+    eca_weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], pool: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: float,
+    attn_gain: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+           torch.Tensor, torch.Tensor]:
     """_backward_math with the Triton kernels."""
-    return _backward_math(TRITON_KERNELS, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, logits,
-                          alpha, attn_gain)
+    return _backward_math(TRITON_KERNELS, dout, h, fc1_weight, fc2_weight, eca_weight, bias, skip_gain, mask, pool,
+                          hidden, logits, alpha, attn_gain)
 
 
 def _se_gate_residual_bwd_cuda(
     dout: torch.Tensor, h: torch.Tensor, fc1_weight: Optional[torch.Tensor], fc2_weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-    pool: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: float, attn_gain: float,
+    eca_weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], skip_gain: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], pool: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: float,
+    attn_gain: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+           torch.Tensor, torch.Tensor]:
     """_backward_math with the CUDA kernels of nfkernels._C."""
-    return _backward_math(CUDA_KERNELS, dout, h, fc1_weight, fc2_weight, bias, skip_gain, mask, pool, hidden, logits,
-                          alpha, attn_gain)
+    return _backward_math(CUDA_KERNELS, dout, h, fc1_weight, fc2_weight, eca_weight, bias, skip_gain, mask, pool,
+                          hidden, logits, alpha, attn_gain)
 
 
 _COMPILED = kernels_are_compiled(_se_gate_fwd_kernel)
@@ -938,20 +993,25 @@ se_gate_residual_bwd = define_op("se_gate_residual_bwd", _se_gate_residual_bwd, 
 se_gate_residual_fwd_cuda = define_cuda_op("se_gate_residual_fwd_cuda", _se_gate_residual_fwd_cuda)
 se_gate_residual_bwd_cuda = define_cuda_op("se_gate_residual_bwd_cuda", _se_gate_residual_bwd_cuda)
 
-# Inputs that get a gradient from the backward op: all but shortcut (dout itself), mask and the scalars.
-_BWD_OP_INPUTS = (0, 2, 3, 4, 5, 6, 7, 8)
+# The forward op's inputs (h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias,
+# shortcut_bias, skip_gain, mask, alpha, attn_gain): those that get a gradient from the backward op
+# are all but shortcut (dout itself), mask and the scalars.
+_FWD_OP_ARITY = 13
+_BWD_OP_INPUTS = (0, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 def _setup_context(ctx, inputs, output):
-    h, shortcut, w1, b1, w2, b2, bias, shortcut_bias, skip, mask, alpha, attn_gain = inputs
+    h, shortcut, w1, b1, w2, b2, eca, bias, shortcut_bias, skip, mask, alpha, attn_gain = inputs
     _, pool, hidden, logits = output
     ctx.mark_non_differentiable(pool, hidden, logits)
     # The gradients of pool, hidden and logits then arrive as None, not as zero-filled tensors.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(h, w1, w2, bias, skip, mask, pool, hidden, logits)
+    ctx.save_for_backward(h, w1, w2, eca, bias, skip, mask, pool, hidden, logits)
     ctx.alpha, ctx.attn_gain = alpha, attn_gain
-    # (shape, dtype) of every parameter that gets a gradient, to cast the accumulated ones back.
-    ctx.meta = [(t.shape, t.dtype) if t is not None else None for t in (w1, b1, w2, b2, bias, shortcut_bias, skip)]
+    # (shape, dtype) of every parameter that gets a gradient, to cast the accumulated ones back;
+    # in the order of the backward op's parameter gradients.
+    ctx.meta = [(t.shape, t.dtype) if t is not None else None
+                for t in (w1, b1, w2, b2, eca, bias, shortcut_bias, skip)]
 
 
 def _as_param_grad(grad: torch.Tensor, meta) -> torch.Tensor | None:
@@ -963,14 +1023,15 @@ def _backward_through(bwd_op):
         """Gradients of every input but mask (not differentiated) and the scalars (module docstring).
         Without a gradient of out (only the non-differentiable outputs used) none flows."""
         if dout is None:
-            return (None,) * 12
+            return (None,) * _FWD_OP_ARITY
         dshortcut = dout if ctx.needs_input_grad[1] else None  # the residual passes it through unchanged
         if not any(ctx.needs_input_grad[i] for i in _BWD_OP_INPUTS):
-            return None, dshortcut, *(None,) * 10
-        h, w1, w2, bias, skip, mask, pool, hidden, logits = ctx.saved_tensors
-        dh, *param_grads = bwd_op(dout, h, w1, w2, bias, skip, mask, pool, hidden, logits, ctx.alpha, ctx.attn_gain)
-        dw1, db1, dw2, db2, dbias, dsb, dskip = (_as_param_grad(g, m) for g, m in zip(param_grads, ctx.meta))
-        return dh, dshortcut, dw1, db1, dw2, db2, dbias, dsb, dskip, None, None, None
+            return None, dshortcut, *(None,) * (_FWD_OP_ARITY - 2)
+        h, w1, w2, eca, bias, skip, mask, pool, hidden, logits = ctx.saved_tensors
+        dh, *param_grads = bwd_op(dout, h, w1, w2, eca, bias, skip, mask, pool, hidden, logits, ctx.alpha,
+                                  ctx.attn_gain)
+        dw1, db1, dw2, db2, deca, dbias, dsb, dskip = (_as_param_grad(g, m) for g, m in zip(param_grads, ctx.meta))
+        return dh, dshortcut, dw1, db1, dw2, db2, deca, dbias, dsb, dskip, None, None, None
 
     return backward
 
@@ -980,22 +1041,22 @@ se_gate_residual_fwd_cuda.register_autograd(_backward_through(se_gate_residual_b
                                             setup_context=_setup_context)
 
 
-def se_gate_residual_triton(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
+def se_gate_residual_triton(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias, shortcut_bias,
                             skip_gain, mask, alpha, attn_gain):
     """The Triton path (``torch.ops.nfkernels.se_gate_residual_fwd``); arguments as
     ``nfkernels.se_gate_residual`` (validated there), h not empty (empty h takes the torch path)."""
-    return se_gate_residual_fwd(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
-                                skip_gain, mask, alpha, attn_gain)[0]
+    return se_gate_residual_fwd(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias,
+                                shortcut_bias, skip_gain, mask, alpha, attn_gain)[0]
 
 
-def se_gate_residual_cuda(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
+def se_gate_residual_cuda(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias, shortcut_bias,
                           skip_gain, mask, alpha, attn_gain):
     """The CUDA path (``torch.ops.nfkernels.se_gate_residual_fwd_cuda``), as the Triton path."""
-    return se_gate_residual_fwd_cuda(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
-                                     skip_gain, mask, alpha, attn_gain)[0]
+    return se_gate_residual_fwd_cuda(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias,
+                                     shortcut_bias, skip_gain, mask, alpha, attn_gain)[0]
 
 
-def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bias, shortcut_bias,
+def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eca_weight, bias, shortcut_bias,
                            skip_gain, mask, alpha, attn_gain):
     """Plain PyTorch reference (the CPU path, and the path of every backend for empty h): the same
     formula from ordinary ops, autograd for the gradients. fp16/bf16 inputs are computed in fp32
@@ -1010,15 +1071,19 @@ def se_gate_residual_torch(h, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bi
         coef = coef * mask.detach().to(acc).reshape(-1, 1, 1, 1)
     if skip_gain is not None:
         coef = coef * skip_gain.to(acc).reshape(())
-    if fc1_weight is not None:
+    if fc1_weight is not None or eca_weight is not None:
         # The mean of an empty map is taken as 0, not torch's NaN (see se_gate_residual).
         pooled = hb.sum((2, 3), keepdim=True) / max(h.shape[2] * h.shape[3], 1)
         # In acc precision even under autocast (as the kernels), which would recast the 1x1 convs.
         with _autocast_off(h.device.type):
-            hidden = torch.relu(F.conv2d(pooled, fc1_weight.to(acc).reshape(*fc1_weight.shape[:2], 1, 1),
-                                         _acc_vector(fc1_bias, acc)))
-            z = F.conv2d(hidden, fc2_weight.to(acc).reshape(*fc2_weight.shape[:2], 1, 1),
-                         _acc_vector(fc2_bias, acc))
+            if fc1_weight is not None:
+                hidden = torch.relu(F.conv2d(pooled, fc1_weight.to(acc).reshape(*fc1_weight.shape[:2], 1, 1),
+                                             _acc_vector(fc1_bias, acc)))
+                z = F.conv2d(hidden, fc2_weight.to(acc).reshape(*fc2_weight.shape[:2], 1, 1),
+                             _acc_vector(fc2_bias, acc))
+            else:  # ECA: conv1d over the channels of the pooled map (as products and sums: no TF32)
+                n = h.shape[0]
+                z = _eca_conv(pooled.reshape(n, c), _acc_vector(eca_weight, acc)).reshape(n, c, 1, 1)
         # exp(logsigmoid(z)) = σ(z), whose autograd gives σ(z)σ(−z): torch.sigmoid's backward
         # forms g(1 − g), which is 0 where g rounds to 1 (z > 17 in fp32).
         coef = coef * attn_gain * torch.exp(F.logsigmoid(z))
