@@ -277,8 +277,7 @@ _CONVERTERS = {
     "ScaledStdConv2d": convert_std_conv,
     "ScaledStdConv2dSame": convert_std_conv,
     "GammaAct": convert_gamma_act,
-    "SEModule": convert_se,
-    "EcaModule": convert_eca,
+    **_ATTN_CONVERTERS,
 }
 
 

@@ -497,8 +497,7 @@ class NFNet(_DefaultCfgAlias, nn.Module):
         self.head_hidden_size = self.num_features
         self.head = ClassifierHead(self.num_features, num_classes, cfg.drop_rate, global_pool)
         self.pretrained_cfg = pretrained_cfg_for(None)
-        if cfg.stem_type not in ("deep_quad", "deep", "deep_tiered"):
-            self.pretrained_cfg["first_conv"] = "stem.conv"
+        self.pretrained_cfg["first_conv"] = f"stem.{next(iter(self.stem._modules))}"  # conv1 or conv
         self._init_weights()
 
     def _init_weights(self) -> None:
